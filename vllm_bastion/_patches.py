@@ -1,0 +1,332 @@
+"""Every monkeypatch vllm-bastion applies to vLLM, in one place.
+
+vLLM 0.32 has no extension point for a new speculative method, so BASTION
+patches exactly these, each guarded by the version check in `apply()` and
+pinned by tests/test_patches.py (which fails if vLLM changes under them):
+
+1. `EngineArgs.create_speculative_config`: accept {"method": "bastion", ...},
+   validate it with `BastionConfig`, run the start-up checks that need no
+   model, and build vLLM's own DFlash speculative config from it. The
+   resolved BASTION config rides along on the drafter's HF config, so every
+   process (engine core, workers) sees it.
+2. `VllmConfig._get_v2_model_runner_unsupported_features`: BASTION runs on
+   the V1 model runner; this makes vLLM pick V1 for it (and refuse a forced V2).
+3. `VllmConfig.num_lookahead_tokens` and
+   `SpeculativeConfig.max_num_new_slots_for_drafting`: DFlash reserves slots
+   for its query block, which BASTION sizes by the draft depth, not by the
+   tree budget that `num_speculative_tokens` carries.
+4. `SamplingParams._validate_spec_decode`: refuse, per request and with a
+   clear message, sampling features the tree walk cannot honour yet.
+5. Runner selection: `CPUWorker` builds `CPUModelRunner` inline, so the
+   module attribute is swapped for a factory; the GPU `Worker` gets its
+   documented `_make_model_runner` hook wrapped. Both build BASTION's runner
+   only when the config is a BASTION one; otherwise vLLM is untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from vllm_bastion.config import (
+    BastionConfig,
+    BastionConfigError,
+    check_drafter_matches_target,
+    check_target_supported,
+    read_drafter_config,
+)
+
+SUPPORTED_VLLM_MINOR = "0.32."
+BASTION_ATTR = "bastion_config"
+WORKER_EXTENSION = "vllm_bastion.stats.BastionWorkerExtension"
+_APPLIED = False
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return getattr(vllm, "__version__", "unknown")
+
+
+def version_supported() -> bool:
+    return vllm_version().startswith(SUPPORTED_VLLM_MINOR)
+
+
+# ----------------------------------------------------------------- markers
+
+
+def bastion_config_of(config: Any) -> BastionConfig | None:
+    """The resolved BASTION config of a VllmConfig or SpeculativeConfig, or None."""
+    spec = getattr(config, "speculative_config", config)
+    if spec is None:
+        return None
+    draft = getattr(spec, "draft_model_config", None)
+    hf = getattr(draft, "hf_config", None) if draft is not None else None
+    raw = getattr(hf, BASTION_ATTR, None) if hf is not None else None
+    if raw is None:
+        return None
+    if isinstance(raw, BastionConfig):
+        return raw
+    return BastionConfig(**raw)
+
+
+def _is_bastion_request(raw: dict | None, spec_method: str | None) -> bool:
+    if spec_method == "bastion":
+        return True
+    return isinstance(raw, dict) and raw.get("method") == "bastion"
+
+
+# ----------------------------------------------------------------- 1. config
+
+
+def _create_speculative_config(orig, self, target_model_config, target_parallel_config):
+    raw = self.speculative_config
+    if not _is_bastion_request(raw, getattr(self, "spec_method", None)):
+        return orig(self, target_model_config, target_parallel_config)
+    if not version_supported():
+        raise BastionConfigError(
+            f"vllm-bastion supports vLLM {SUPPORTED_VLLM_MINOR}x, but vLLM "
+            f"{vllm_version()} is installed. Install a matching vllm-bastion or "
+            f"vllm=={SUPPORTED_VLLM_MINOR}*."
+        )
+    user = dict(raw or {})
+    for flag, key in (("spec_method", "method"), ("spec_model", "model")):
+        val = getattr(self, flag, None)
+        if val is not None:
+            if key in user and user[key] != val:
+                raise BastionConfigError(
+                    f"--{flag.replace('_', '-')} and --speculative-config['{key}'] "
+                    "are mutually exclusive"
+                )
+            user[key] = val
+    if getattr(self, "spec_tokens", None) is not None:
+        raise BastionConfigError(
+            "--spec-tokens is not supported with method 'bastion': BASTION sizes "
+            "its trees itself; use 'max_nodes' in --speculative-config instead."
+        )
+    cfg = BastionConfig.from_user_dict(user)
+
+    target = _target_dict(target_model_config)
+    check_target_supported(target)
+    _check_engine_args(self, target_model_config, target_parallel_config)
+    drafter = read_drafter_config(cfg.model, cfg.revision)
+    check_drafter_matches_target(drafter, target, drafter_name=f"The drafter {cfg.model!r}")
+    if drafter.get("draft_vocab_size") not in (None, drafter.get("vocab_size")):
+        raise BastionConfigError(
+            f"The drafter {cfg.model!r} uses a reduced draft vocabulary "
+            "(draft_vocab_size); BASTION needs a drafter over the full target "
+            "vocabulary."
+        )
+    resolved = cfg.model_copy(update={"draft_depth": cfg.resolved_depth(drafter)})
+
+    translated = {
+        **cfg.vllm_passthrough(),
+        "method": "dflash",
+        "num_speculative_tokens": cfg.max_nodes,
+    }
+    if self.async_scheduling:
+        raise BastionConfigError(
+            "BASTION does not support async scheduling yet; remove "
+            "--async-scheduling (BASTION turns it off by itself)."
+        )
+    self.async_scheduling = False
+    if not target_parallel_config.worker_extension_cls:
+        # adds the `bastion_stats` collective RPC to the workers
+        target_parallel_config.worker_extension_cls = WORKER_EXTENSION
+    # vLLM's method reads the dict from `self` (and mutates it); restore the
+    # user's dict afterwards so the call stays repeatable.
+    saved = (self.speculative_config, self.spec_method, self.spec_model)
+    self.speculative_config, self.spec_method, self.spec_model = translated, None, None
+    try:
+        spec = orig(self, target_model_config, target_parallel_config)
+    finally:
+        self.speculative_config, self.spec_method, self.spec_model = saved
+    setattr(spec.draft_model_config.hf_config, BASTION_ATTR, resolved.model_dump())
+    return spec
+
+
+def _target_dict(model_config) -> dict:
+    hf = getattr(model_config, "hf_text_config", None) or model_config.hf_config
+    d = hf.to_dict()
+    if "architectures" not in d or not d["architectures"]:
+        d["architectures"] = list(getattr(model_config.hf_config, "architectures", []) or [])
+    return d
+
+
+def _check_engine_args(args, model_config, parallel_config) -> None:
+    """Engine-level combinations BASTION refuses before any model loads."""
+    problems = []
+    if getattr(model_config, "is_hybrid", False) or getattr(
+        model_config, "is_attention_free", False
+    ):
+        problems.append(
+            "a hybrid or attention-free target (tree verification of recurrent "
+            "state is not supported; use a pure-attention target)"
+        )
+    if getattr(model_config, "uses_mrope", False):
+        problems.append("an M-RoPE (multimodal position) target")
+    if getattr(model_config, "logits_processors", None):
+        problems.append("custom logits processors (--logits-processors)")
+    if parallel_config.pipeline_parallel_size > 1:
+        problems.append("pipeline parallelism (--pipeline-parallel-size > 1)")
+    if getattr(parallel_config, "decode_context_parallel_size", 1) > 1:
+        problems.append("decode context parallelism")
+    if getattr(args, "kv_transfer_config", None) is not None:
+        problems.append("KV transfer connectors (--kv-transfer-config)")
+    if getattr(args, "enable_lora", False):
+        problems.append("LoRA adapters (--enable-lora)")
+    if str(getattr(args, "kv_cache_dtype", "auto")) not in ("auto", "None", "bfloat16", "float16", "float32"):
+        problems.append(f"a quantized KV cache (--kv-cache-dtype {args.kv_cache_dtype})")
+    if getattr(parallel_config, "enable_dbo", False) or getattr(args, "enable_dbo", False):
+        problems.append("dual-batch overlap (--enable-dbo)")
+    if problems:
+        raise BastionConfigError(
+            "BASTION tree speculative decoding does not support "
+            + "; ".join(problems)
+            + " yet. Remove it, or serve without method 'bastion'."
+        )
+
+
+# ----------------------------------------------------------------- 2./3. sizes
+
+
+def _v2_unsupported(orig, self):
+    features = list(orig(self))
+    if bastion_config_of(self) is not None:
+        features.append("BASTION tree speculative decoding")
+    return features
+
+
+def _num_lookahead_tokens(orig_fget, self):
+    cfg = bastion_config_of(self)
+    if cfg is not None:
+        return cfg.draft_depth + 1  # the DFlash query block: bonus + D masks
+    return orig_fget(self)
+
+
+def _max_num_new_slots_for_drafting(orig_fget, self):
+    cfg = bastion_config_of(self)
+    if cfg is not None:
+        return cfg.draft_depth
+    return orig_fget(self)
+
+
+# ----------------------------------------------------------------- 4. requests
+
+UNSUPPORTED_REQUEST_FEATURES = (
+    # (predicate, name shown to the user)
+    (lambda p: p.presence_penalty != 0.0, "presence_penalty"),
+    (lambda p: p.frequency_penalty != 0.0, "frequency_penalty"),
+    (lambda p: p.repetition_penalty != 1.0, "repetition_penalty"),
+    (lambda p: p.min_tokens > 0, "min_tokens"),
+    (lambda p: bool(p.bad_words), "bad_words"),
+    (lambda p: bool(p.allowed_token_ids), "allowed_token_ids"),
+    (lambda p: p.logprobs is not None, "logprobs"),
+    (lambda p: p.prompt_logprobs is not None, "prompt_logprobs"),
+    (lambda p: bool(getattr(p, "logprob_token_ids", None)), "logprob_token_ids"),
+    (lambda p: p.structured_outputs is not None, "structured outputs (guided decoding / response_format)"),
+    (lambda p: getattr(p, "thinking_token_budget", None) is not None, "thinking_token_budget"),
+)
+
+
+def _validate_spec_decode(orig, self, speculative_config):
+    orig(self, speculative_config)
+    if speculative_config is None or bastion_config_of(speculative_config) is None:
+        return
+    bad = [name for pred, name in UNSUPPORTED_REQUEST_FEATURES if pred(self)]
+    if bad:
+        from vllm.exceptions import VLLMValidationError
+
+        raise VLLMValidationError(
+            "BASTION tree speculative decoding does not support "
+            f"{', '.join(bad)} yet; remove {'it' if len(bad) == 1 else 'them'} from "
+            "the request, or serve the model without method 'bastion'."
+        )
+
+
+# ----------------------------------------------------------------- 5. runners
+
+
+def _make_cpu_runner_factory(orig_cls):
+    def CPUModelRunner(vllm_config, device):  # noqa: N802 - stands in for the class
+        if bastion_config_of(vllm_config) is not None:
+            from vllm_bastion.runner import BastionCPUModelRunner
+
+            return BastionCPUModelRunner(vllm_config, device)
+        return orig_cls(vllm_config, device)
+
+    CPUModelRunner.__wrapped_runner__ = orig_cls  # type: ignore[attr-defined]
+    return CPUModelRunner
+
+
+def _make_model_runner(orig, self):
+    if bastion_config_of(self.vllm_config) is not None and not self.use_v2_model_runner:
+        from vllm_bastion.runner import BastionGPUModelRunner
+
+        return BastionGPUModelRunner(self.vllm_config, self.device)
+    return orig(self)
+
+
+# ----------------------------------------------------------------- apply
+
+
+def _wrap_method(cls, name, wrapper):
+    orig = getattr(cls, name)
+    if getattr(orig, "__bastion_patched__", False):
+        return
+
+    @functools.wraps(orig)
+    def patched(self, *args, **kwargs):
+        return wrapper(orig, self, *args, **kwargs)
+
+    patched.__bastion_patched__ = True  # type: ignore[attr-defined]
+    setattr(cls, name, patched)
+
+
+def _wrap_property(cls, name, wrapper):
+    prop = cls.__dict__[name]
+    if getattr(prop.fget, "__bastion_patched__", False):
+        return
+
+    def fget(self):
+        return wrapper(prop.fget, self)
+
+    fget.__bastion_patched__ = True  # type: ignore[attr-defined]
+    setattr(cls, name, property(fget, prop.fset, prop.fdel, prop.__doc__))
+
+
+def apply() -> None:
+    """Apply every patch once per process (idempotent)."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    from vllm.config import SpeculativeConfig, VllmConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.sampling_params import SamplingParams
+
+    # The config patch is applied on any vLLM so that method 'bastion' on an
+    # unsupported vLLM fails with a message naming the version problem.
+    _wrap_method(EngineArgs, "create_speculative_config", _create_speculative_config)
+    if not version_supported():
+        _APPLIED = True
+        return
+    _wrap_method(VllmConfig, "_get_v2_model_runner_unsupported_features", _v2_unsupported)
+    _wrap_property(VllmConfig, "num_lookahead_tokens", _num_lookahead_tokens)
+    _wrap_property(
+        SpeculativeConfig, "max_num_new_slots_for_drafting", _max_num_new_slots_for_drafting
+    )
+    _wrap_method(SamplingParams, "_validate_spec_decode", _validate_spec_decode)
+
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        # importing cpu_worker on a GPU host would stub out CUDA APIs
+        import vllm.v1.worker.cpu_worker as cpu_worker
+
+        if not hasattr(cpu_worker.CPUModelRunner, "__wrapped_runner__"):
+            cpu_worker.CPUModelRunner = _make_cpu_runner_factory(cpu_worker.CPUModelRunner)
+    else:
+        from vllm.v1.worker.gpu_worker import Worker
+
+        _wrap_method(Worker, "_make_model_runner", _make_model_runner)
+    _APPLIED = True

@@ -1,0 +1,53 @@
+"""Tree attention, torch reference. Pure torch.
+
+A tree node attends to the request's cached prefix and to its own ancestors
+(and itself) inside the tree, never to siblings or cousins.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def tree_attention_reference(
+    q: torch.Tensor,
+    k_prefix: torch.Tensor,
+    v_prefix: torch.Tensor,
+    k_tree: torch.Tensor,
+    v_tree: torch.Tensor,
+    allowed: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of the tree rows of one request.
+
+    Args:
+        q: [n, Hq, d] queries of the tree rows being computed.
+        k_prefix, v_prefix: [c, Hkv, d] cached prefix (c may be 0).
+        k_tree, v_tree: [m, Hkv, d] keys/values of the tree rows (e.g. the
+            root and all nodes, m = n + 1).
+        allowed: [n, m] bool, allowed[i, j]: query i may see tree row j
+            (ancestor-or-self).
+        scale: softmax scale.
+
+    Returns [n, Hq, d] in q's dtype; the math is float32. GQA: Hq must be a
+    multiple of Hkv.
+    """
+    n, Hq, d = q.shape
+    Hkv = k_tree.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"query heads {Hq} must be a multiple of kv heads {Hkv}")
+    g = Hq // Hkv
+    k = torch.cat([k_prefix, k_tree], 0).float()  # [c+n, Hkv, d]
+    v = torch.cat([v_prefix, v_tree], 0).float()
+    c = k_prefix.shape[0]
+    qf = q.float().view(n, Hkv, g, d)
+    scores = torch.einsum("nhgd,mhd->hgnm", qf, k) * scale  # [Hkv, g, n, c+m]
+    m = k_tree.shape[0]
+    if allowed.shape != (n, m):
+        raise ValueError(f"allowed must be [{n}, {m}], got {tuple(allowed.shape)}")
+    mask = torch.ones((n, c + m), dtype=torch.bool, device=q.device)
+    mask[:, c:] = allowed
+    scores = scores.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    out = torch.einsum("hgnm,mhd->nhgd", p, v).reshape(n, Hq, d)
+    return out.to(q.dtype)

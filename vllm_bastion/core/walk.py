@@ -1,0 +1,125 @@
+"""The acceptance walk over a verified draft tree. Pure torch.
+
+For every tree column i the target gives one token x_i: its argmax (greedy)
+or one sample from its own processed distribution at that node (sampling).
+The walk starts at the root; if x_root equals the token of one of the root's
+children it descends into that child and repeats; the first x that matches no
+child is emitted as the bonus token.
+
+Every emitted token is the target's own choice at a node whose context is
+exactly the already-emitted prefix, and children of a node carry distinct
+tokens (they are distinct top-k entries of one depth), so at most one child
+can match. Hence the output is distributed exactly as autoregressive decoding
+with the target (lossless), for greedy and for sampling alike, provided the
+x_i at different depths are drawn independently.
+
+Vectorized: one step per tree depth over the whole batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_bastion.core.tree import TreeBatch
+
+PLACEHOLDER = -1
+
+
+@dataclass
+class WalkResult:
+    output_tokens: torch.Tensor  # [B, 1 + max_depth] accepted path tokens, bonus, then -1
+    num_accepted: torch.Tensor  # [B] accepted draft nodes (bonus excluded)
+    path_nodes: torch.Tensor  # [B, max_depth] tree column of the j-th accepted node, -1 after
+    last_node: torch.Tensor  # [B] column of the deepest accepted node (0 = root)
+    chain_accepted: torch.Tensor  # [B] what a chain of the top-1 drafts would have accepted
+
+
+def accept_walk(trees: TreeBatch, target_tokens: torch.Tensor) -> WalkResult:
+    """Walk every tree with the target's per-node tokens.
+
+    Args:
+        trees: the verified trees ([B, W] tensors, see `TreeBatch`).
+        target_tokens: [B, W] int, the target's token at every tree column
+            (column 0 = root). Values in padding columns are ignored.
+    """
+    B, W = trees.tokens.shape
+    device = trees.tokens.device
+    target = target_tokens.to(device=device, dtype=torch.long)
+    if target.shape != (B, W):
+        raise ValueError(
+            f"target_tokens must be [batch, 1 + max_nodes] = {(B, W)}, got "
+            f"{tuple(target.shape)}"
+        )
+    valid = trees.valid_mask()
+    parents = trees.parents.clamp(min=0)
+    depths = trees.depths
+    max_depth = int(depths.max().item()) if W > 1 else 0
+
+    # a node matches iff its token is what the target chose at its parent
+    match = valid & (trees.tokens == target.gather(1, parents))
+    match[:, 0] = True
+    on_chain = valid & (trees.ranks == 0)
+    on_chain[:, 0] = True
+
+    accepted = torch.zeros((B, W), dtype=torch.bool, device=device)
+    accepted[:, 0] = True
+    chain_ok = accepted.clone()
+    for d in range(1, max_depth + 1):
+        at_d = depths == d
+        acc_parent = accepted.gather(1, parents)
+        accepted |= at_d & match & acc_parent
+        chain_ok |= at_d & match & on_chain & chain_ok.gather(1, parents)
+
+    # accepted nodes form one root path (siblings carry distinct tokens)
+    acc_depth = torch.where(accepted, depths, torch.full_like(depths, -1))
+    num_accepted = acc_depth.max(dim=1).values.clamp(min=0)
+    last_node = acc_depth.argmax(dim=1)
+    chain_depth = torch.where(chain_ok, depths, torch.full_like(depths, -1))
+    chain_accepted = chain_depth.max(dim=1).values.clamp(min=0)
+
+    # recover the path from the deepest accepted node up to the root
+    path = torch.full((B, max(max_depth, 1)), -1, dtype=torch.long, device=device)
+    node = last_node.clone()
+    rows = torch.arange(B, device=device)
+    for _ in range(max_depth):
+        d = depths[rows, node]
+        live = d > 0
+        if not bool(live.any()):
+            break
+        path[rows[live], d[live] - 1] = node[live]
+        node = torch.where(live, parents[rows, node], node)
+
+    out = torch.full((B, max_depth + 1), PLACEHOLDER, dtype=torch.long, device=device)
+    j = torch.arange(max_depth + 1, device=device)[None, :]
+    path_pad = torch.cat([path, torch.zeros((B, 1), dtype=torch.long, device=device)], 1)
+    path_tokens = trees.tokens.gather(1, path_pad.clamp(min=0))
+    out = torch.where(j < num_accepted[:, None], path_tokens, out)
+    bonus = target.gather(1, last_node[:, None])
+    out.scatter_(1, num_accepted[:, None], bonus)
+    return WalkResult(
+        output_tokens=out,
+        num_accepted=num_accepted,
+        path_nodes=path[:, :max_depth] if max_depth else path[:, :0],
+        last_node=last_node,
+        chain_accepted=chain_accepted,
+    )
+
+
+def greedy_walk_reference(
+    tokens: list[int], parents: list[int], target: list[int]
+) -> list[int]:
+    """Straightforward per-node reference of the walk for one tree (tests)."""
+    children: dict[int, dict[int, int]] = {}
+    for i in range(1, len(tokens)):
+        children.setdefault(parents[i], {})[tokens[i]] = i
+    out = []
+    node = 0
+    while True:
+        x = target[node]
+        nxt = children.get(node, {}).get(x)
+        out.append(x)
+        if nxt is None:
+            return out
+        node = nxt

@@ -1,0 +1,317 @@
+"""BASTION on vLLM's V1 model runner (CPU, and GPU with VLLM_USE_V2_MODEL_RUNNER=0).
+
+One decoding step for a request that has a draft tree:
+
+  scheduler       schedules the root (last verified token) + the tree's nodes,
+                  flattened in best-first order, as ordinary spec tokens
+  _prepare_inputs rows keep their sequential KV slots; positions of node rows
+                  are rewritten to root + depth; the step's trees and ancestor
+                  masks are attached to the target's attention metadata
+  forward         target layers run tree attention for node rows
+  _sample         the target's token at every row (its own sampling), then the
+                  acceptance walk; the accepted path's KV and activations are
+                  moved so the path is contiguous, as if a chain had been verified
+  propose         vLLM's DFlash drafter (block 1 + D) keeps top-k per depth;
+                  the next trees are built best-first and handed to the
+                  scheduler as spec tokens
+
+Everything downstream of `_sample` (scheduler accounting, prefix caching, the
+drafter's context, spec-decode metrics) sees a chain of accepted tokens and is
+vLLM's own, unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vllm.logger import init_logger
+from vllm.v1.outputs import SamplerOutput
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner, _torch_cuda_wrapper
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+from vllm_bastion._patches import bastion_config_of
+from vllm_bastion.core.compaction import compaction_pairs, permute_rows_
+from vllm_bastion.core.tree import TreeBatch, ancestor_mask, build_best_first_trees, chain_tree
+from vllm_bastion.core.walk import accept_walk
+from vllm_bastion.kv_layout import probe_layout
+from vllm_bastion.proposer import BastionProposer
+from vllm_bastion.sampling import target_tokens
+from vllm_bastion.stats import StatsLogger
+from vllm_bastion.tree_attention import (
+    METADATA_ATTR,
+    TreeAttentionStep,
+    install_tree_attention,
+)
+
+logger = init_logger("vllm.bastion")
+
+
+class _Step:
+    """Host-side description of the trees verified in this step."""
+
+    def __init__(self, trees: TreeBatch, row_starts: np.ndarray, root_pos: np.ndarray,
+                 rows_per_req: np.ndarray, attn: TreeAttentionStep | None):
+        self.trees = trees  # [B, W], one row per request in the batch
+        self.row_starts = row_starts  # [B]
+        self.root_pos = root_pos  # [B] position of the sampled row 0
+        self.rows_per_req = rows_per_req  # [B] logits rows (1 + nodes)
+        self.attn = attn
+
+
+class BastionRunnerMixin:
+    """Overrides of the V1 GPUModelRunner hooks (also the base of CPUModelRunner)."""
+
+    def _bastion_init(self) -> None:
+        cfg = bastion_config_of(self.vllm_config)
+        assert cfg is not None
+        self.bastion_config = cfg
+        self.bastion_stats = StatsLogger(cfg.stats_log_interval_s)
+        self._bastion_pending: dict[str, TreeBatch] = {}
+        self._bastion_step: _Step | None = None
+        self._bastion_attach = False
+        self._bastion_layers: list[str] = []
+        self._bastion_exec = None  # (aux_hidden_states, slot_mappings) of the step
+        if hasattr(self, "drafter"):
+            self.drafter = BastionProposer(
+                self.vllm_config, self.device, self,
+                draft_depth=cfg.draft_depth, topk=min(cfg.topk, cfg.max_nodes),
+            )
+        logger.info(
+            "BASTION tree speculation: DFlash drafter %s, draft depth %d, top-%d per "
+            "depth, trees of up to %d nodes (%s budget)",
+            cfg.model, cfg.draft_depth, min(cfg.topk, cfg.max_nodes), cfg.max_nodes, cfg.budget,
+        )
+
+    # ------------------------------------------------------------ load
+
+    def load_model(self, *args, **kwargs):
+        super().load_model(*args, **kwargs)
+        self._bastion_layers = install_tree_attention(self.get_model())
+        logger.info("BASTION tree attention on %d target layers", len(self._bastion_layers))
+
+    # ------------------------------------------------------------ inputs
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        self._bastion_step = self._bastion_build_step(scheduler_output, num_scheduled_tokens)
+        self._bastion_attach = True
+        return out
+
+    def _bastion_build_step(self, scheduler_output, num_scheduled_tokens) -> _Step:
+        batch = self.input_batch
+        num_reqs = batch.num_reqs
+        req_ids = batch.req_ids[:num_reqs]
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        sched = np.asarray(num_scheduled_tokens[:num_reqs], dtype=np.int64)
+        row_starts = np.cumsum(sched) - sched
+        computed = batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64)
+
+        rows: list[TreeBatch] = []
+        nodes = np.zeros(num_reqs, dtype=np.int64)
+        for i, rid in enumerate(req_ids):
+            draft = spec.get(rid) or []
+            n = len(draft)
+            tree = self._bastion_pending.get(rid)
+            if n and tree is not None and int(tree.num_nodes[0]) >= n and (
+                tree.tokens[0, 1 : 1 + n].tolist() == list(draft)
+            ):
+                rows.append(tree.truncate(torch.tensor([n])))
+            else:
+                # drafts BASTION did not build as a tree (or none): verify as a chain
+                rows.append(chain_tree([list(draft)]))
+            nodes[i] = n
+        self._bastion_pending.clear()
+        trees = _stack_trees(rows)
+        # the sampled row 0 of a request is its first spec row (root) or, for a
+        # prefill chunk, its last scheduled row
+        root_pos = computed + sched - 1 - nodes
+        rows_per_req = 1 + nodes
+
+        attn = None
+        has_tree = np.nonzero(nodes > 0)[0]
+        if len(has_tree):
+            # node rows: RoPE position = root position + depth (slots stay sequential)
+            depth = trees.depths.numpy()
+            r_idx, col = np.nonzero(depth > 0)
+            flat_rows = row_starts[r_idx] + col
+            new_pos = root_pos[r_idx] + depth[r_idx, col]
+            idx = torch.from_numpy(flat_rows).to(self.positions.device)
+            self.positions[idx] = torch.from_numpy(new_pos).to(self.positions)
+            anc = ancestor_mask(trees.select(has_tree.tolist()))
+            gid = self._bastion_group()
+            attn = TreeAttentionStep(
+                req_indices=has_tree.tolist(),
+                row_starts=row_starts[has_tree].tolist(),
+                num_nodes=nodes[has_tree].tolist(),
+                prefix_lens=root_pos[has_tree].tolist(),
+                allowed=[
+                    anc[j, 1 : 1 + int(nodes[i]), : 1 + int(nodes[i])].to(self.device)
+                    for j, i in enumerate(has_tree.tolist())
+                ],
+                block_size=self.input_batch.block_table[gid].block_size,
+                num_blocks=self.kv_cache_config.num_blocks,
+            )
+        return _Step(trees, row_starts, root_pos, rows_per_req, attn)
+
+    def _bastion_group(self) -> int:
+        name = self._bastion_layers[0]
+        for gid, group in enumerate(self.kv_cache_config.kv_cache_groups):
+            if name in group.layer_names:
+                return gid
+        raise RuntimeError(f"BASTION: layer {name} is in no KV cache group")
+
+    def _build_attention_metadata(self, *args, **kwargs):
+        attn_metadata, spec_cad = super()._build_attention_metadata(*args, **kwargs)
+        info = None
+        if self._bastion_attach and self._bastion_step is not None:
+            info = self._bastion_step.attn
+            self._bastion_attach = False
+        mds = attn_metadata if isinstance(attn_metadata, list) else [attn_metadata]
+        for per_layer in mds:
+            if not isinstance(per_layer, dict):
+                continue
+            for name in self._bastion_layers:
+                md = per_layer.get(name)
+                if md is not None:
+                    setattr(md, METADATA_ATTR, info)
+        return attn_metadata, spec_cad
+
+    def execute_model(self, scheduler_output, intermediate_tensors=None):
+        out = super().execute_model(scheduler_output, intermediate_tensors)
+        st = self.execute_model_state
+        self._bastion_exec = (st.aux_hidden_states, st.slot_mappings) if st is not None else None
+        return out
+
+    # ------------------------------------------------------------ verify
+
+    def _sample(self, logits, spec_decode_metadata):
+        step = self._bastion_step
+        if spec_decode_metadata is None or step is None:
+            return super()._sample(logits, spec_decode_metadata)
+        self._bastion_step = None
+        self.input_batch.update_async_output_token_ids()
+        num_reqs = self.input_batch.num_reqs
+        req_ids = self.input_batch.req_ids[:num_reqs]
+        trees = step.trees
+        W = trees.width
+        counts = torch.from_numpy(step.rows_per_req)
+
+        # absolute position each row predicts: root_pos + depth + 1
+        depth_rows = torch.cat([trees.depths[b, : int(counts[b])] for b in range(num_reqs)])
+        pos_rows = torch.from_numpy(step.root_pos).repeat_interleave(counts) + depth_rows + 1
+        seeds = [self.requests[r].sampling_params.seed for r in req_ids]
+        tok = target_tokens(
+            logits, counts, self.input_batch.sampling_metadata, seeds, pos_rows
+        ).cpu()
+
+        target = torch.full((num_reqs, W), -1, dtype=torch.long)
+        col = torch.cat([torch.arange(int(c)) for c in counts])
+        target[torch.arange(num_reqs).repeat_interleave(counts), col] = tok
+        result = accept_walk(trees, target)
+
+        self._bastion_compact(step, result)
+        has = (trees.num_nodes > 0).nonzero().squeeze(1).tolist()
+        if has:
+            self.bastion_stats.observe(
+                nodes=trees.num_nodes[has].tolist(),
+                accepted=result.num_accepted[has].tolist(),
+                chain=result.chain_accepted[has].tolist(),
+                depths=trees.depths[has].max(dim=1).values.tolist(),
+            )
+        sampled = result.output_tokens.to(device=self.device, dtype=torch.int32)
+        return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=None)
+
+    def _bastion_compact(self, step: _Step, result) -> None:
+        """Make every accepted path contiguous in the KV cache and activations."""
+        src, dst = compaction_pairs(
+            torch.from_numpy(step.row_starts), result.path_nodes, result.num_accepted
+        )
+        if src.numel() == 0:
+            return
+        src_d, dst_d = src.to(self.device), dst.to(self.device)
+        aux, slot_mappings = self._bastion_exec or (None, None)
+        ctx = self.compilation_config.static_forward_context
+        attn = step.attn
+        for name in self._bastion_layers:
+            layer = ctx[name]
+            kv_cache = layer.kv_cache
+            slots = slot_mappings[name] if isinstance(slot_mappings, dict) else None
+            if slots is None:
+                raise RuntimeError(f"BASTION: no slot mapping for layer {name}")
+            layout = probe_layout(layer.impl, layer, kv_cache, attn.block_size, attn.num_blocks)
+            layout.copy_slots(kv_cache, slots[src_d].long(), slots[dst_d].long())
+        for h in aux or ():
+            permute_rows_(h, src_d, dst_d)
+        permute_rows_(self.positions, src_d, dst_d)
+        permute_rows_(self.input_ids.gpu, src_d, dst_d)
+
+    def _bookkeeping_sync(self, *args, **kwargs):
+        # vLLM rewinds the per-request generators of discarded (partial prefill)
+        # rows; BASTION never draws from them (see sampling.py), so hide them.
+        gens = self.input_batch.generators
+        self.input_batch.generators = {}
+        try:
+            return super()._bookkeeping_sync(*args, **kwargs)
+        finally:
+            self.input_batch.generators = gens
+
+    # ------------------------------------------------------------ draft
+
+    def _input_fits_in_drafter(self, common_attn_metadata) -> bool:
+        if common_attn_metadata is None:
+            return False
+        return (
+            common_attn_metadata.max_seq_len + self.bastion_config.draft_depth + 1
+            <= self.effective_drafter_max_model_len
+        )
+
+    def propose_draft_token_ids(self, scheduler_output, *args, **kwargs):
+        super().propose_draft_token_ids(scheduler_output, *args, **kwargs)
+        topk = self.drafter.take_topk()
+        num_reqs = self.input_batch.num_reqs
+        req_ids = self.input_batch.req_ids[:num_reqs]
+        if topk is None:
+            self._bastion_pending.clear()
+            return [[] for _ in req_ids]
+        logp, toks = (t[:num_reqs].cpu() for t in topk)
+        trees = build_best_first_trees(logp, toks, max_nodes=self.bastion_config.max_nodes)
+        self._bastion_pending = {rid: trees.select([i]) for i, rid in enumerate(req_ids)}
+        return trees.node_lists()
+
+    def _copy_draft_token_ids_to_cpu(self, scheduler_output, zeros_only: bool = False):
+        if zeros_only:
+            # vLLM zeroes drafts when the drafter cannot run (near max_model_len);
+            # BASTION schedules no tree instead of a chain of zeros.
+            self._draft_token_ids = [[] for _ in self.input_batch.req_ids]
+            self._bastion_pending.clear()
+        return super()._copy_draft_token_ids_to_cpu(scheduler_output, zeros_only=False)
+
+
+def _stack_trees(rows: list[TreeBatch]) -> TreeBatch:
+    W = max(t.width for t in rows)
+
+    def pad(x, fill):
+        return torch.nn.functional.pad(x, (0, W - x.shape[1]), value=fill)
+
+    return TreeBatch(
+        tokens=torch.cat([pad(t.tokens, -1) for t in rows]),
+        parents=torch.cat([pad(t.parents, -1) for t in rows]),
+        depths=torch.cat([pad(t.depths, -1) for t in rows]),
+        ranks=torch.cat([pad(t.ranks, -1) for t in rows]),
+        scores=torch.cat([pad(t.scores, float("-inf")) for t in rows]),
+        num_nodes=torch.cat([t.num_nodes for t in rows]),
+    )
+
+
+class BastionGPUModelRunner(BastionRunnerMixin, GPUModelRunner):
+    def __init__(self, vllm_config, device):
+        super().__init__(vllm_config, device)
+        self._bastion_init()
+
+
+class BastionCPUModelRunner(BastionRunnerMixin, CPUModelRunner):
+    def __init__(self, vllm_config, device):
+        super().__init__(vllm_config, device)
+        with _torch_cuda_wrapper():
+            self._bastion_init()

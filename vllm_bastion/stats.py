@@ -1,0 +1,99 @@
+"""Per-step tree statistics, kept in the worker and logged periodically.
+
+vLLM's own spec-decode metrics already see BASTION's steps: drafts = tree
+nodes, accepted = path length, and the per-position acceptance counters are
+acceptance by tree depth. These add what vLLM cannot know: tree shape, the
+chain-of-top-1 baseline, and (with the cost model) budget decisions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+logger = logging.getLogger("vllm.bastion")  # under vLLM's log handler
+
+
+@dataclass
+class BastionStats:
+    steps: int = 0  # verify steps with at least one tree
+    trees: int = 0  # request-steps that verified a tree
+    nodes: int = 0  # draft nodes verified (root excluded)
+    accepted: int = 0  # draft nodes accepted
+    chain_accepted: int = 0  # what the chain of top-1 drafts would have accepted
+    max_depth_sum: int = 0  # deepest node per tree, summed
+    accepted_by_depth: list[int] = field(default_factory=list)
+    trees_by_depth: list[int] = field(default_factory=list)  # trees reaching depth d
+
+    def observe(self, nodes: list[int], accepted: list[int], chain: list[int], depths: list[int]) -> None:
+        if not nodes:
+            return
+        self.steps += 1
+        self.trees += len(nodes)
+        self.nodes += sum(nodes)
+        self.accepted += sum(accepted)
+        self.chain_accepted += sum(chain)
+        self.max_depth_sum += sum(depths)
+        need = max(depths + [0])
+        for arr in (self.accepted_by_depth, self.trees_by_depth):
+            arr.extend([0] * (need - len(arr)))
+        for a, d in zip(accepted, depths):
+            for j in range(a):
+                self.accepted_by_depth[j] += 1
+            for j in range(d):
+                self.trees_by_depth[j] += 1
+
+    def summary(self) -> dict:
+        t = max(self.trees, 1)
+        out = asdict(self)
+        out.update(
+            mean_nodes=self.nodes / t,
+            mean_accepted=self.accepted / t,
+            mean_chain_accepted=self.chain_accepted / t,
+            mean_tokens_per_step=1 + self.accepted / t,
+            mean_max_depth=self.max_depth_sum / t,
+        )
+        return out
+
+
+class StatsLogger:
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self.total = BastionStats()
+        self.window = BastionStats()
+        self._last = time.monotonic()
+
+    def observe(self, nodes, accepted, chain, depths) -> None:
+        self.total.observe(nodes, accepted, chain, depths)
+        self.window.observe(nodes, accepted, chain, depths)
+        if self.interval_s <= 0:
+            return
+        now = time.monotonic()
+        if now - self._last >= self.interval_s and self.window.trees:
+            s = self.window.summary()
+            logger.info(
+                "BASTION: %d tree steps, mean tree %.1f nodes (depth %.1f), mean "
+                "accepted %.2f (top-1 chain would accept %.2f), accepted by depth %s",
+                s["steps"], s["mean_nodes"], s["mean_max_depth"], s["mean_accepted"],
+                s["mean_chain_accepted"],
+                [round(a / max(self.window.trees, 1), 3) for a in self.window.accepted_by_depth],
+            )
+            self.window = BastionStats()
+            self._last = now
+
+
+class BastionWorkerExtension:
+    """Added to vLLM's workers (worker_extension_cls) when BASTION is on, so
+    `LLM.collective_rpc("bastion_stats")` returns each worker's tree stats."""
+
+    def bastion_stats(self) -> dict:
+        stats = getattr(getattr(self, "model_runner", None), "bastion_stats", None)
+        return stats.total.summary() if stats is not None else {}
+
+    def bastion_reset_stats(self) -> bool:
+        stats = getattr(getattr(self, "model_runner", None), "bastion_stats", None)
+        if stats is None:
+            return False
+        stats.total = BastionStats()
+        return True
