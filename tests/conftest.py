@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny models built locally at test time, and vLLM engines.
+
+Engines are expensive (~15-30 s to start on 2 CPU cores), so each test module
+shares one BASTION engine, and the no-speculation reference engine is shared
+by the whole session.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# vLLM on CPU needs a fixed KV cache size; the oracle test utility sends a
+# callable to the workers, which needs vLLM's pickle fallback.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+
+from tiny_models import make_drafter, make_target  # noqa: E402
+
+ENGINE_KW = dict(dtype="float32", max_model_len=1024, seed=0, enforce_eager=True,
+                 max_num_seqs=32, disable_log_stats=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_pair")
+    target = make_target(str(root / "target"))
+    drafter = make_drafter(target, str(root / "drafter"), block_size=8)
+    return target, drafter
+
+
+def make_llm(model: str, **kw):
+    from vllm import LLM
+
+    args = dict(ENGINE_KW)
+    args.update(kw)
+    return LLM(model=model, **args)
+
+
+@pytest.fixture(scope="session")
+def reference_llm(tiny_pair):
+    """vLLM without speculation: the ground truth for greedy equality."""
+    llm = make_llm(tiny_pair[0])
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+def bastion_spec(drafter: str, **kw) -> dict:
+    return {"method": "bastion", "model": drafter, **kw}
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def spec_metrics(llm) -> dict:
+    out = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode"):
+            out[m.name] = getattr(m, "values", None) or getattr(m, "value", None)
+    return out
