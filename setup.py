@@ -12,11 +12,15 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["vllm_bastion", "vllm_bastion.core", "vllm_bastion.kernels"],
+    packages=["vllm_bastion", "vllm_bastion.core", "vllm_bastion.kernels", "vllm_bastion.configs"],
     # kernels/ is installed as vllm_bastion.kernels so it cannot clash with the
-    # PyPI package called `kernels`.
-    package_dir={"vllm_bastion.kernels": "kernels"},
-    package_data={"vllm_bastion": ["profiles/*.json", "assets/**/*"]},
+    # PyPI package called `kernels`; configs/ (roofline priors, example
+    # speculative configs) ships as vllm_bastion.configs.
+    package_dir={"vllm_bastion.kernels": "kernels", "vllm_bastion.configs": "configs"},
+    package_data={
+        "vllm_bastion": ["assets/pair/*/*", "assets/pair/*.md"],
+        "vllm_bastion.configs": ["roofline/*.json", "examples/*.json"],
+    },
     include_package_data=True,
     install_requires=["pydantic>=2", "numpy"],
     extras_require={
