@@ -22,7 +22,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 def bastion_llm(tiny_pair):
     llm = make_llm(
         tiny_pair[0],
-        speculative_config=bastion_spec(tiny_pair[1], max_nodes=12, topk=4),
+        speculative_config=bastion_spec(tiny_pair[1], max_nodes=12, topk=4, budget="fixed"),
         enable_prefix_caching=True,
         enable_chunked_prefill=True,
         max_num_batched_tokens=128,

@@ -19,7 +19,7 @@ from vllm_bastion.testing import install_second_choice_oracle, remove_oracle
 def bastion_llm(tiny_pair):
     llm = make_llm(
         tiny_pair[0],
-        speculative_config=bastion_spec(tiny_pair[1], max_nodes=10, topk=4),
+        speculative_config=bastion_spec(tiny_pair[1], max_nodes=10, topk=4, budget="fixed"),
         enable_prefix_caching=False,
         enable_chunked_prefill=False,
         max_num_batched_tokens=2048,

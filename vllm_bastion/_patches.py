@@ -117,6 +117,8 @@ def _create_speculative_config(orig, self, target_model_config, target_parallel_
             "(draft_vocab_size); BASTION needs a drafter over the full target "
             "vocabulary."
         )
+    if cfg.device_profile is not None:
+        _check_device_profile(cfg.device_profile)
     resolved = cfg.model_copy(update={"draft_depth": cfg.resolved_depth(drafter)})
 
     translated = {
@@ -143,6 +145,24 @@ def _create_speculative_config(orig, self, target_model_config, target_parallel_
         self.speculative_config, self.spec_method, self.spec_model = saved
     setattr(spec.draft_model_config.hf_config, BASTION_ATTR, resolved.model_dump())
     return spec
+
+
+def _check_device_profile(name: str) -> None:
+    import os
+
+    from vllm_bastion.core.cost_model import load_device_priors
+
+    if os.path.isfile(name):
+        return
+    priors = load_device_priors()
+    from vllm_bastion.core.cost_model import load_device_prior
+
+    if load_device_prior(name).fallback and "cpu" not in name.lower():
+        known = sorted(p.name for p in priors)
+        raise BastionConfigError(
+            f"device_profile {name!r} is neither a file nor a known device; known "
+            f"devices: {known} (or pass a path to a roofline prior JSON)."
+        )
 
 
 def _target_dict(model_config) -> dict:

@@ -57,10 +57,17 @@ class BastionConfig(BaseModel):
     model: str = Field(description="Path or hub id of a DFlash drafter checkpoint.")
 
     max_nodes: int = Field(
-        default=32,
+        default=64,
         ge=1,
         le=1024,
         description="Largest draft tree per request and step, root excluded.",
+    )
+    min_nodes: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description="Smallest tree per request under the 'auto' budget (0 lets "
+        "speculation switch itself off when it cannot pay).",
     )
     topk: int = Field(
         default=8,
@@ -75,9 +82,25 @@ class BastionConfig(BaseModel):
         description="Draft depths the drafter predicts per step; default: the "
         "drafter's block_size - 1 (15 for b16 checkpoints).",
     )
-    budget: Literal["fixed"] = Field(
-        default="fixed",
-        description="'fixed': every tree grows to max_nodes.",
+    budget: Literal["auto", "fixed"] = Field(
+        default="auto",
+        description="'auto': one best-first budget per batch from the calibrated "
+        "latency model, adding nodes while they raise expected tokens per second; "
+        "'fixed': every tree grows to max_nodes.",
+    )
+    calibrate: bool = Field(
+        default=True,
+        description="Probe the target on this device at start-up (cached on disk "
+        "per device, model, dtype and vLLM version); False: datasheet roofline only.",
+    )
+    online_refit: bool = Field(
+        default=True,
+        description="Refit the latency model from measured step times while serving.",
+    )
+    device_profile: str | None = Field(
+        default=None,
+        description="Roofline prior to use instead of the detected device: a device "
+        "name from configs/roofline (e.g. 'H100') or a path to a prior JSON file.",
     )
     stats_log_interval_s: float = Field(
         default=10.0,
@@ -97,6 +120,12 @@ class BastionConfig(BaseModel):
     def _check(self) -> BastionConfig:
         if not self.model or not self.model.strip():
             raise ValueError("'model' must name a DFlash drafter checkpoint")
+        if self.min_nodes > self.max_nodes:
+            raise ValueError(
+                f"min_nodes ({self.min_nodes}) must not exceed max_nodes ({self.max_nodes})"
+            )
+        if self.device_profile is not None and not self.device_profile.strip():
+            raise ValueError("device_profile must be a device name or a JSON file path")
         return self
 
     @classmethod

@@ -45,6 +45,12 @@ class BastionProposer(DFlashProposer):
         self._last_topk = (vals.view(-1, D, vals.shape[-1]), idx.view(-1, D, idx.shape[-1]))
         return idx[:, 0], None
 
+    @override
+    def dummy_run(self, *args, **kwargs):
+        if getattr(self, "_bastion_skip_dummy", False):
+            return None  # the calibration probe times the target alone
+        return super().dummy_run(*args, **kwargs)
+
     def take_topk(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(log-probs [B, D, K], tokens [B, D, K]) of the last propose()."""
         out, self._last_topk = self._last_topk, None

@@ -22,6 +22,8 @@ vLLM's own, unchanged.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -31,7 +33,9 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner, _torch_cuda_wrapper
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_bastion._patches import bastion_config_of
+from vllm_bastion.core.budget import plan_batch_budget
 from vllm_bastion.core.compaction import compaction_pairs, permute_rows_
+from vllm_bastion.core.cost_model import OnlineRefit
 from vllm_bastion.core.tree import TreeBatch, ancestor_mask, build_best_first_trees, chain_tree
 from vllm_bastion.core.walk import accept_walk
 from vllm_bastion.kv_layout import probe_layout
@@ -51,12 +55,45 @@ class _Step:
     """Host-side description of the trees verified in this step."""
 
     def __init__(self, trees: TreeBatch, row_starts: np.ndarray, root_pos: np.ndarray,
-                 rows_per_req: np.ndarray, attn: TreeAttentionStep | None):
+                 rows_per_req: np.ndarray, attn: TreeAttentionStep | None,
+                 scheduled: np.ndarray, computed: np.ndarray):
         self.trees = trees  # [B, W], one row per request in the batch
         self.row_starts = row_starts  # [B]
         self.root_pos = root_pos  # [B] position of the sampled row 0
         self.rows_per_req = rows_per_req  # [B] logits rows (1 + nodes)
         self.attn = attn
+        self.scheduled = scheduled  # [B] tokens each request feeds (latency model)
+        self.computed = computed  # [B] context each request attends to
+
+
+class _Budget:
+    """The 'auto' budget: calibrated latency model, online refit, timings."""
+
+    def __init__(self):
+        self.refit: OnlineRefit | None = None
+        self.source = ""
+        self.fit_error: float | None = None  # calibration MAPE
+        self.err_ema: float | None = None  # online |predicted - measured| / measured
+        self.t_fix: float | None = None  # seconds per step outside the verify forward
+        self.gap_ema: float | None = None
+        self.last_end: float | None = None
+        self.sample_time = 0.0
+        self.planned_steps = 0
+        self.planned_nodes = 0
+
+    def observe_fixed(self, seconds: float) -> None:
+        a = 0.1
+        self.t_fix = seconds if self.t_fix is None else (1 - a) * self.t_fix + a * seconds
+
+    def summary(self) -> dict:
+        out = {"source": self.source, "calibration_mape": self.fit_error,
+               "refit_rel_error": self.err_ema, "t_fix_s": self.t_fix,
+               "mean_planned_nodes": self.planned_nodes / max(self.planned_steps, 1)}
+        if self.refit is not None:
+            m = self.refit.model
+            out.update(a_c=m.coeffs.a_c, b_c=m.coeffs.b_c, a_m=m.coeffs.a_m, b_m=m.coeffs.b_m,
+                       peak_flops=m.peak_flops, bandwidth=m.bandwidth, device=m.device_name)
+        return out
 
 
 class BastionRunnerMixin:
@@ -72,6 +109,9 @@ class BastionRunnerMixin:
         self._bastion_attach = False
         self._bastion_layers: list[str] = []
         self._bastion_exec = None  # (aux_hidden_states, slot_mappings) of the step
+        self._bastion_budget = _Budget() if cfg.budget == "auto" else None
+        self.bastion_stats.budget = self._bastion_budget
+        self._bastion_shape = None  # (scheduled, computed) of the last step
         if hasattr(self, "drafter"):
             self.drafter = BastionProposer(
                 self.vllm_config, self.device, self,
@@ -152,7 +192,7 @@ class BastionRunnerMixin:
                 block_size=self.input_batch.block_table[gid].block_size,
                 num_blocks=self.kv_cache_config.num_blocks,
             )
-        return _Step(trees, row_starts, root_pos, rows_per_req, attn)
+        return _Step(trees, row_starts, root_pos, rows_per_req, attn, sched, computed)
 
     def _bastion_group(self) -> int:
         name = self._bastion_layers[0]
@@ -178,10 +218,99 @@ class BastionRunnerMixin:
         return attn_metadata, spec_cad
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
+        budget = self._bastion_budget
+        if budget is not None and budget.refit is None and scheduler_output.total_num_scheduled_tokens:
+            self._bastion_calibrate()
+        t0 = time.perf_counter()
         out = super().execute_model(scheduler_output, intermediate_tensors)
         st = self.execute_model_state
         self._bastion_exec = (st.aux_hidden_states, st.slot_mappings) if st is not None else None
+        if budget is not None and st is not None and self._bastion_step is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            verify = time.perf_counter() - t0
+            step = self._bastion_step
+            self._bastion_observe_verify(step.scheduled, step.computed, verify)
+            if budget.last_end is not None:
+                gap = t0 - budget.last_end  # scheduler, IPC, output processing
+                if gap < 0.25:  # idle engines are not overhead
+                    a = 0.1
+                    budget.gap_ema = gap if budget.gap_ema is None else (1 - a) * budget.gap_ema + a * gap
         return out
+
+    def sample_tokens(self, grammar_output):
+        budget = self._bastion_budget
+        t0 = time.perf_counter()
+        out = super().sample_tokens(grammar_output)
+        if budget is not None:
+            t1 = time.perf_counter()
+            budget.observe_fixed((t1 - t0) + (budget.gap_ema or 0.0))
+            if budget.refit is not None and self.bastion_config.online_refit:
+                budget.refit.update_fixed(budget.t_fix)
+            budget.last_end = t1
+        return out
+
+    # ------------------------------------------------------------ cost model
+
+    def _bastion_calibrate(self) -> None:
+        from vllm_bastion import calibration
+
+        cfg = self.bastion_config
+        budget = self._bastion_budget
+        if cfg.calibrate:
+            model, fit, source = calibration.calibrate(
+                self, device_profile=cfg.device_profile, log=logger)
+            budget.fit_error = fit.mape if fit is not None else None
+        else:
+            shape = calibration.model_shape(self.vllm_config)
+            prior = calibration.resolve_prior(self, cfg.device_profile)
+            from vllm_bastion.core.cost_model import LatencyModel
+
+            model = LatencyModel.from_prior(shape, prior, t_fix=calibration.probe_drafter(self))
+            source = f"uncalibrated prior {prior.name}"
+        if budget.t_fix is None:
+            budget.t_fix = model.t_fix  # until steps are measured: the drafter forward
+        budget.refit = OnlineRefit(model)
+        budget.source = source
+        logger.info("BASTION latency model (%s): %s", source, model)
+
+    def _bastion_observe_verify(self, scheduled, computed, seconds: float) -> None:
+        budget = self._bastion_budget
+        if budget.refit is None or not len(scheduled):
+            return
+        pred = budget.refit.model.step_time(scheduled, computed)
+        err = abs(pred - seconds) / max(seconds, 1e-9)
+        a = 0.1
+        budget.err_ema = err if budget.err_ema is None else (1 - a) * budget.err_ema + a * err
+        if self.bastion_config.online_refit:
+            budget.refit.update(scheduled, computed, seconds)
+
+    def _bastion_plan(self, trees: TreeBatch, sampled_token_ids) -> torch.Tensor:
+        """Per-request node counts for the next step (one budget for the batch)."""
+        cfg = self.bastion_config
+        budget = self._bastion_budget
+        B = trees.batch_size
+        if budget is None or budget.refit is None:
+            return trees.num_nodes
+        n_valid = (
+            (sampled_token_ids[:B] >= 0).sum(dim=1).cpu().numpy()
+            if torch.is_tensor(sampled_token_ids)
+            else np.array([len(x) for x in sampled_token_ids[:B]])
+        )
+        contexts = self.input_batch.num_tokens_no_spec[:B] + n_valid - 1
+        decoding = ~self.discard_request_mask.np[:B].astype(bool) & (n_valid > 0)
+        caps = torch.from_numpy(np.where(decoding, cfg.max_nodes, 0)).long()
+        room = self.max_num_tokens - B * (1 + cfg.draft_depth)
+        decision = plan_batch_budget(
+            trees.scores, torch.from_numpy(np.maximum(contexts, 0)), budget.refit.model,
+            t_fix=budget.t_fix if budget.t_fix is not None else budget.refit.model.fixed_time(B),
+            min_nodes=torch.where(caps > 0, cfg.min_nodes, 0), max_nodes=caps, exact=True,
+            max_total_nodes=max(0, room),
+        )
+        n = decision.num_nodes.cpu()
+        budget.planned_steps += 1
+        budget.planned_nodes += int(n.sum())
+        return n
 
     # ------------------------------------------------------------ verify
 
@@ -266,8 +395,8 @@ class BastionRunnerMixin:
             <= self.effective_drafter_max_model_len
         )
 
-    def propose_draft_token_ids(self, scheduler_output, *args, **kwargs):
-        super().propose_draft_token_ids(scheduler_output, *args, **kwargs)
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
+        super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
         topk = self.drafter.take_topk()
         num_reqs = self.input_batch.num_reqs
         req_ids = self.input_batch.req_ids[:num_reqs]
@@ -276,7 +405,11 @@ class BastionRunnerMixin:
             return [[] for _ in req_ids]
         logp, toks = (t[:num_reqs].cpu() for t in topk)
         trees = build_best_first_trees(logp, toks, max_nodes=self.bastion_config.max_nodes)
+        # every rank keeps the full tree; the scheduler's (rank 0's) node count
+        # truncates it next step (any best-first prefix is a tree)
         self._bastion_pending = {rid: trees.select([i]) for i, rid in enumerate(req_ids)}
+        if self._bastion_budget is not None:
+            trees = trees.truncate(self._bastion_plan(trees, sampled_token_ids))
         return trees.node_lists()
 
     def _copy_draft_token_ids_to_cpu(self, scheduler_output, zeros_only: bool = False):

@@ -63,6 +63,13 @@ class StatsLogger:
         self.total = BastionStats()
         self.window = BastionStats()
         self._last = time.monotonic()
+        self.budget = None  # the runner's 'auto' budget state, if any
+
+    def snapshot(self) -> dict:
+        out = self.total.summary()
+        if self.budget is not None:
+            out["budget"] = self.budget.summary()
+        return out
 
     def observe(self, nodes, accepted, chain, depths) -> None:
         self.total.observe(nodes, accepted, chain, depths)
@@ -79,6 +86,14 @@ class StatsLogger:
                 s["mean_chain_accepted"],
                 [round(a / max(self.window.trees, 1), 3) for a in self.window.accepted_by_depth],
             )
+            if self.budget is not None and self.budget.refit is not None:
+                b = self.budget.summary()
+                logger.info(
+                    "BASTION budget: %.1f nodes/request planned, T_fix %.2f ms, latency "
+                    "model a_c=%.3g b_c=%.3g ms a_m=%.3g b_m=%.3g ms, refit error %.1f%%",
+                    b["mean_planned_nodes"], 1e3 * (b["t_fix_s"] or 0), b["a_c"], 1e3 * b["b_c"],
+                    b["a_m"], 1e3 * b["b_m"], 100 * (b["refit_rel_error"] or 0),
+                )
             self.window = BastionStats()
             self._last = now
 
@@ -89,11 +104,24 @@ class BastionWorkerExtension:
 
     def bastion_stats(self) -> dict:
         stats = getattr(getattr(self, "model_runner", None), "bastion_stats", None)
-        return stats.total.summary() if stats is not None else {}
+        return stats.snapshot() if stats is not None else {}
+
+    def bastion_calibrate(self, force: bool = False, device_profile: str | None = None) -> dict:
+        """Probe and fit the latency model on this worker (the calibrate CLI)."""
+        from vllm_bastion import calibration
+
+        model, fit, source = calibration.calibrate(
+            self.model_runner, device_profile=device_profile, use_cache=not force)
+        out = {"source": source, "model": model.to_dict(), "cache": str(calibration.cache_file())}
+        if fit is not None:
+            out.update(table=fit.table(), summary=fit.summary())
+        return out
 
     def bastion_reset_stats(self) -> bool:
         stats = getattr(getattr(self, "model_runner", None), "bastion_stats", None)
         if stats is None:
             return False
         stats.total = BastionStats()
+        if stats.budget is not None:
+            stats.budget.planned_steps = stats.budget.planned_nodes = 0
         return True
