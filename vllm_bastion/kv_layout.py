@@ -32,38 +32,32 @@ class KVLayoutError(RuntimeError):
 
 @dataclass
 class PagedKVLayout:
+    """Affine placement of K and V inside one layer's paged cache tensor.
+
+    Element (block b, slot-in-block t, kv head h, dim d) of K lives at storage
+    offset  b * block_stride + k_base + t * k_strides[0] + h * k_strides[1]
+    + d * k_strides[2]  (relative to the cache tensor's storage offset), V
+    likewise. `views` turns that into [num_blocks, block_size, H, D] tensors,
+    the interface of the tree attention and compaction kernels.
+    """
+
     block_size: int
     block_dim: int
     block_stride: int
-    # [2, block_size, H, D] element offsets of K (0) and V (1) inside a block
-    inner: torch.Tensor
+    k_base: int
+    k_strides: tuple[int, int, int]
+    v_base: int
+    v_strides: tuple[int, int, int]
+    num_kv_heads: int
+    head_size: int
 
-    def addresses(self, slots: torch.Tensor, kv: int | None = None) -> torch.Tensor:
-        """Flat storage offsets of the given slots: [n, (2,) H, D]."""
-        blocks = torch.div(slots, self.block_size, rounding_mode="floor")
-        offs = slots - blocks * self.block_size
-        inner = self.inner.to(slots.device)
-        if kv is None:
-            base = inner[:, offs].transpose(0, 1)  # [n, 2, H, D]
-            return base + (blocks * self.block_stride).view(-1, 1, 1, 1)
-        return inner[kv, offs] + (blocks * self.block_stride).view(-1, 1, 1)
-
-    @staticmethod
-    def flat(kv_cache: torch.Tensor) -> torch.Tensor:
-        """A 1-D view of the storage region the cache tensor spans."""
-        span = 1 + sum((s - 1) * st for s, st in zip(kv_cache.shape, kv_cache.stride()))
-        return kv_cache.as_strided((span,), (1,), kv_cache.storage_offset())
-
-    def gather(self, kv_cache: torch.Tensor, slots: torch.Tensor, kv: int) -> torch.Tensor:
-        """K (kv=0) or V (kv=1) of the given slots: [n, H, D]."""
-        return self.flat(kv_cache)[self.addresses(slots, kv)]
-
-    def copy_slots(self, kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """K and V of slot src[i] -> slot dst[i] (gather, then scatter)."""
-        if src.numel() == 0:
-            return
-        flat = self.flat(kv_cache)
-        flat[self.addresses(dst)] = flat[self.addresses(src)]
+    def views(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        nb = kv_cache.shape[self.block_dim]
+        size = (nb, self.block_size, self.num_kv_heads, self.head_size)
+        off = kv_cache.storage_offset()
+        k = torch.as_strided(kv_cache, size, (self.block_stride, *self.k_strides), off + self.k_base)
+        v = torch.as_strided(kv_cache, size, (self.block_stride, *self.v_strides), off + self.v_base)
+        return k, v
 
 
 def probe_layout(impl, layer, kv_cache: torch.Tensor, block_size: int, num_blocks: int) -> PagedKVLayout:
@@ -165,11 +159,34 @@ def _probe(impl, layer, kv_cache, block_size, num_blocks) -> PagedKVLayout:
     inner1[kvv[b1].cpu(), tt[b1].cpu(), hh[b1].cpu(), dd[b1].cpu()] = off[b1.cpu()]
     if not torch.equal(inner1, inner):
         raise KVLayoutError("KV layout probe: blocks are not laid out uniformly")
+    bases, strides = [], []
+    for kv in (0, 1):
+        base = int(inner[kv, 0, 0, 0])
+        st = (
+            int(inner[kv, 1, 0, 0]) - base if block_size > 1 else 0,
+            int(inner[kv, 0, 1, 0]) - base if H > 1 else 0,
+            int(inner[kv, 0, 0, 1]) - base if D > 1 else 0,
+        )
+        t_ = torch.arange(block_size).view(-1, 1, 1)
+        h_ = torch.arange(H).view(1, -1, 1)
+        d_ = torch.arange(D).view(1, 1, -1)
+        if not torch.equal(inner[kv], base + t_ * st[0] + h_ * st[1] + d_ * st[2]):
+            raise KVLayoutError(
+                "this attention backend packs K/V non-affinely inside a block; "
+                "BASTION's tree attention does not support it yet"
+            )
+        bases.append(base)
+        strides.append(st)
     return PagedKVLayout(
         block_size=block_size,
         block_dim=bdim,
         block_stride=kv_cache.stride(bdim),
-        inner=inner.to(kv_cache.device),
+        k_base=bases[0],
+        k_strides=strides[0],
+        v_base=bases[1],
+        v_strides=strides[1],
+        num_kv_heads=H,
+        head_size=D,
     )
 
 

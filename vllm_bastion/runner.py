@@ -38,7 +38,7 @@ from vllm_bastion.core.compaction import compaction_pairs, permute_rows_
 from vllm_bastion.core.cost_model import OnlineRefit
 from vllm_bastion.core.tree import TreeBatch, ancestor_mask, build_best_first_trees, chain_tree
 from vllm_bastion.core.walk import accept_walk
-from vllm_bastion.kv_layout import probe_layout
+from vllm_bastion.kernels import HAS_TRITON, compact_kv, compact_kv_reference, pack_ancestor_bits
 from vllm_bastion.proposer import BastionProposer
 from vllm_bastion.sampling import target_tokens
 from vllm_bastion.stats import StatsLogger
@@ -46,6 +46,7 @@ from vllm_bastion.tree_attention import (
     METADATA_ATTR,
     TreeAttentionStep,
     install_tree_attention,
+    paged_kv_views,
 )
 
 logger = init_logger("vllm.bastion")
@@ -178,17 +179,20 @@ class BastionRunnerMixin:
             new_pos = root_pos[r_idx] + depth[r_idx, col]
             idx = torch.from_numpy(flat_rows).to(self.positions.device)
             self.positions[idx] = torch.from_numpy(new_pos).to(self.positions)
-            anc = ancestor_mask(trees.select(has_tree.tolist()))
+            sel = trees.select(has_tree.tolist())
+            anc_bits = pack_ancestor_bits(ancestor_mask(sel))
             gid = self._bastion_group()
+
+            def dev(x):
+                return torch.as_tensor(np.asarray(x), dtype=torch.int32).to(self.device)
+
             attn = TreeAttentionStep(
-                req_indices=has_tree.tolist(),
-                row_starts=row_starts[has_tree].tolist(),
-                num_nodes=nodes[has_tree].tolist(),
-                prefix_lens=root_pos[has_tree].tolist(),
-                allowed=[
-                    anc[j, 1 : 1 + int(nodes[i]), : 1 + int(nodes[i])].to(self.device)
-                    for j, i in enumerate(has_tree.tolist())
-                ],
+                tree_req=dev(has_tree),
+                row_start=dev(row_starts[has_tree]),
+                num_nodes=dev(nodes[has_tree]),
+                prefix_len=dev(root_pos[has_tree]),
+                anc_bits=anc_bits.to(self.device),
+                max_nodes=int(nodes.max()),
                 block_size=self.input_batch.block_table[gid].block_size,
                 num_blocks=self.kv_cache_config.num_blocks,
             )
@@ -361,15 +365,18 @@ class BastionRunnerMixin:
         src_d, dst_d = src.to(self.device), dst.to(self.device)
         aux, slot_mappings = self._bastion_exec or (None, None)
         ctx = self.compilation_config.static_forward_context
-        attn = step.attn
+        caches, slots = [], None
         for name in self._bastion_layers:
             layer = ctx[name]
-            kv_cache = layer.kv_cache
-            slots = slot_mappings[name] if isinstance(slot_mappings, dict) else None
-            if slots is None:
-                raise RuntimeError(f"BASTION: no slot mapping for layer {name}")
-            layout = probe_layout(layer.impl, layer, kv_cache, attn.block_size, attn.num_blocks)
-            layout.copy_slots(kv_cache, slots[src_d].long(), slots[dst_d].long())
+            caches.append(paged_kv_views(layer.impl, layer, layer.kv_cache, step.attn))
+            slots = slot_mappings.get(name) if isinstance(slot_mappings, dict) else None
+        if slots is None:
+            raise RuntimeError("BASTION: no slot mapping for the target layers")
+        src_slots, dst_slots = slots[src_d].long(), slots[dst_d].long()
+        if caches[0][0].is_cuda and HAS_TRITON:
+            compact_kv(caches, src_slots, dst_slots)
+        else:
+            compact_kv_reference(caches, src_slots, dst_slots)
         for h in aux or ():
             permute_rows_(h, src_d, dst_d)
         permute_rows_(self.positions, src_d, dst_d)

@@ -1,7 +1,8 @@
 """Tree attention inside vLLM's attention layers.
 
 BASTION verifies every request's tree in the same forward as the rest of the
-batch. The target's attention layers keep their backend (CPU_ATTN on CPU,
+batch (kernels: vllm_bastion.kernels.tree_attention, Triton on CUDA, its torch
+reference elsewhere; paged K/V views from vllm_bastion.kv_layout). The target's attention layers keep their backend (CPU_ATTN on CPU,
 FlashAttention / Triton on GPU), which computes every row causally and writes
 the KV cache as usual; that is exact for prefill rows, plain decode rows and
 every tree root. For the draft-node rows the result is then replaced by tree
@@ -18,37 +19,32 @@ layers on the attention metadata object (`metadata.bastion_tree`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from vllm_bastion.core.attention import tree_attention_reference
-from vllm_bastion.kv_layout import PagedKVLayout, probe_layout
+from vllm_bastion.kernels import HAS_TRITON, tree_attention_reference, tree_attention_triton
+from vllm_bastion.kv_layout import probe_layout
 
 METADATA_ATTR = "bastion_tree"
 
 
 @dataclass
 class TreeAttentionStep:
-    """What the attention layers need to know about this step's trees."""
+    """This step's trees, as the tree-attention kernels take them (device tensors)."""
 
-    # per tree request (only requests with >= 1 draft node)
-    req_indices: list[int]  # row of the request in the batch / block table
-    row_starts: list[int]  # row of the request's root in the flattened batch
-    num_nodes: list[int]  # draft nodes (root excluded)
-    prefix_lens: list[int]  # cached tokens before the root (= root position)
-    allowed: list[torch.Tensor]  # [n, 1 + n] bool, node i may see tree column j
+    tree_req: torch.Tensor  # [R] int32 batch row (block-table row) of each tree request
+    row_start: torch.Tensor  # [R] int32 flattened-batch row of its root
+    num_nodes: torch.Tensor  # [R] int32 draft nodes (root excluded)
+    prefix_len: torch.Tensor  # [R] int32 cached tokens before the root (= root position)
+    anc_bits: torch.Tensor  # [R, W, ceil(W/32)] int32 packed ancestor-or-self masks
+    max_nodes: int
     block_size: int
     num_blocks: int
-    layouts: dict = field(default_factory=dict)
 
-    def layout_for(self, impl, layer, kv_cache) -> PagedKVLayout:
-        key = id(kv_cache.untyped_storage()), kv_cache.shape, kv_cache.stride()
-        lay = self.layouts.get(key)
-        if lay is None:
-            lay = probe_layout(impl, layer, kv_cache, self.block_size, self.num_blocks)
-            self.layouts[key] = lay
-        return lay
+    @property
+    def num_requests(self) -> int:
+        return int(self.tree_req.shape[0])
 
 
 def _block_table_of(metadata) -> torch.Tensor:
@@ -62,29 +58,25 @@ def _block_table_of(metadata) -> torch.Tensor:
     return bt
 
 
+def paged_kv_views(impl, layer, kv_cache, step: TreeAttentionStep):
+    """[num_blocks, block_size, Hkv, D] K and V views of this layer's cache."""
+    layout = probe_layout(impl, layer, kv_cache, step.block_size, step.num_blocks)
+    return layout.views(kv_cache)
+
+
 def tree_attention_fixup(impl, layer, query, key, value, kv_cache, metadata, output, step):
-    """Overwrite the draft-node rows of `output` with exact tree attention."""
-    layout = step.layout_for(impl, layer, kv_cache)
-    block_table = _block_table_of(metadata)
-    bs = step.block_size
+    """Overwrite the draft-node rows of `output` with exact tree attention:
+    the Triton kernel on CUDA, its torch reference elsewhere (same function)."""
+    k_cache, v_cache = paged_kv_views(impl, layer, kv_cache, step)
     out3 = output.view(output.shape[0], impl.num_heads, -1)
-    for r, start, n, c, allowed in zip(
-        step.req_indices, step.row_starts, step.num_nodes, step.prefix_lens, step.allowed
-    ):
-        if c > 0:
-            pos = torch.arange(c, device=kv_cache.device)
-            slots = block_table[r, pos // bs].long() * bs + pos % bs
-            kp = layout.gather(kv_cache, slots, 0)
-            vp = layout.gather(kv_cache, slots, 1)
-        else:
-            kp = key.new_empty((0,) + tuple(key.shape[1:]))
-            vp = value.new_empty((0,) + tuple(value.shape[1:]))
-        rows = slice(start + 1, start + 1 + n)
-        tree = slice(start, start + 1 + n)
-        out3[rows] = tree_attention_reference(
-            query[rows], kp.to(query.dtype), vp.to(query.dtype), key[tree], value[tree],
-            allowed, impl.scale,
-        ).to(out3.dtype)
+    fn = tree_attention_reference
+    if kv_cache.is_cuda and HAS_TRITON:
+        fn = tree_attention_triton
+    fn(
+        query, key, value, k_cache, v_cache, _block_table_of(metadata),
+        step.tree_req, step.row_start, step.num_nodes, step.prefix_len, step.anc_bits,
+        impl.scale, out3, max_nodes=step.max_nodes,
+    )
 
 
 _CLASSES: dict[type, type] = {}
@@ -103,7 +95,7 @@ def tree_impl_class(cls: type) -> type:
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         out = cls.forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         step = getattr(attn_metadata, METADATA_ATTR, None) if attn_metadata is not None else None
-        if step is not None and step.req_indices:
+        if step is not None and step.num_requests:
             tree_attention_fixup(self, layer, query, key, value, kv_cache, attn_metadata, output, step)
         return out
 

@@ -30,7 +30,7 @@ def tree_attention_reference(
         scale: softmax scale.
 
     Returns [n, Hq, d] in q's dtype; the math is float32. GQA: Hq must be a
-    multiple of Hkv.
+    multiple of Hkv. A query that may see no key at all gets zeros.
     """
     n, Hq, d = q.shape
     Hkv = k_tree.shape[1]
@@ -48,6 +48,9 @@ def tree_attention_reference(
     mask = torch.ones((n, c + m), dtype=torch.bool, device=q.device)
     mask[:, c:] = allowed
     scores = scores.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(scores, dim=-1)
+    mx = scores.amax(-1, keepdim=True)
+    p = torch.exp(scores - torch.where(torch.isinf(mx), torch.zeros_like(mx), mx))
+    den = p.sum(-1, keepdim=True)
+    p = p / torch.where(den == 0, torch.ones_like(den), den)
     out = torch.einsum("hgnm,mhd->nhgd", p, v).reshape(n, Hq, d)
     return out.to(q.dtype)
