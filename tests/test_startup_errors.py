@@ -80,6 +80,13 @@ CASES = [
     ("async-scheduling", "target", {"model": "{drafter}"}, {"async_scheduling": True}, r"async scheduling"),
     ("lora", "target", {"model": "{drafter}"}, {"enable_lora": True}, r"LoRA"),
     ("fp8-kv", "target", {"model": "{drafter}"}, {"kv_cache_dtype": "fp8"}, r"quantized KV cache"),
+    ("full-cudagraphs", "target", {"model": "{drafter}"},
+     {"compilation_config": {"cudagraph_mode": "FULL"}}, r"cudagraph_mode FULL"),
+    ("min-over-max", "target", {"model": "{drafter}", "min_nodes": 9, "max_nodes": 4}, {},
+     r"min_nodes \(9\) must not exceed max_nodes \(4\)"),
+    ("unknown-device", "target", {"model": "{drafter}", "device_profile": "TPU v9"}, {},
+     r"device_profile 'TPU v9' is neither a file nor a known device"),
+    ("bad-budget", "target", {"model": "{drafter}", "budget": "huge"}, {}, r"budget.*'auto' or 'fixed'"),
 ]
 
 
@@ -95,7 +102,7 @@ def test_bad_config_fails_before_model_load(bad, case):
 
 def test_config_model_is_pure_and_strict():
     cfg = BastionConfig.from_user_dict({"method": "bastion", "model": "/x", "max-nodes": 20})
-    assert cfg.max_nodes == 20 and cfg.topk == 8 and cfg.budget == "fixed"
+    assert cfg.max_nodes == 20 and cfg.topk == 8 and cfg.budget == "auto"
     assert cfg.vllm_passthrough() == {"model": "/x"}
     assert cfg.resolved_depth({"block_size": 16}) == 15
     assert cfg.resolved_depth({}) == 15

@@ -132,6 +132,7 @@ def _create_speculative_config(orig, self, target_model_config, target_parallel_
             "--async-scheduling (BASTION turns it off by itself)."
         )
     self.async_scheduling = False
+    _use_piecewise_cuda_graphs(self)
     if not target_parallel_config.worker_extension_cls:
         # adds the `bastion_stats` collective RPC to the workers
         target_parallel_config.worker_extension_cls = WORKER_EXTENSION
@@ -145,6 +146,26 @@ def _create_speculative_config(orig, self, target_model_config, target_parallel_
         self.speculative_config, self.spec_method, self.spec_model = saved
     setattr(spec.draft_model_config.hf_config, BASTION_ATTR, resolved.model_dump())
     return spec
+
+
+def _use_piecewise_cuda_graphs(args) -> None:
+    """FULL CUDA graphs would replay attention without BASTION's tree step.
+
+    Piecewise graphs keep attention outside the captured pieces, where the
+    tree-attention kernel runs. (On CPU vLLM captures no graphs.)
+    """
+    from vllm.config.compilation import CUDAGraphMode
+
+    cc = args.compilation_config
+    mode = getattr(cc, "cudagraph_mode", None)
+    if mode is None:
+        cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    elif mode.has_full_cudagraphs():
+        raise BastionConfigError(
+            f"BASTION does not support cudagraph_mode {mode.name} yet (FULL graphs "
+            "would replay attention without the tree step); use PIECEWISE or NONE, "
+            "or leave it unset."
+        )
 
 
 def _check_device_profile(name: str) -> None:
