@@ -531,6 +531,7 @@ def tree_attention(
         raise ValueError(f"k_cache/v_cache must be [num_blocks, block_size, {Hkv}, {D}]")
     if k_cache.dtype == torch.uint8:
         raise ValueError("uint8 KV cache: pass it viewed as its fp8 dtype (e.g. .view(torch.float8_e4m3fn))")
+    g = Hq // Hkv
     W = anc_bits.shape[1]
     max_nodes = W - 1 if max_nodes is None else int(max_nodes)
     if max_nodes > W - 1 or anc_bits.shape[2] * 32 < max_nodes + 1:
