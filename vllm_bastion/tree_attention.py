@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_bastion.kernels import HAS_TRITON, tree_attention_reference, tree_attention_triton
+from vllm_bastion.core.attention import masked_attention
+from vllm_bastion.kernels import HAS_TRITON, tree_attention_triton, unpack_ancestor_bits
 from vllm_bastion.kv_layout import probe_layout
 
 METADATA_ATTR = "bastion_tree"
@@ -41,10 +42,51 @@ class TreeAttentionStep:
     max_nodes: int
     block_size: int
     num_blocks: int
+    _plan: object = None  # the torch path's gather indices, built once per step
 
     @property
     def num_requests(self) -> int:
         return int(self.tree_req.shape[0])
+
+    def torch_plan(self, block_table: torch.Tensor) -> "_TorchPlan":
+        if self._plan is None:
+            self._plan = _TorchPlan(self, block_table)
+        return self._plan
+
+
+class _TorchPlan:
+    """Padded gather indices and masks for all tree requests of a step, so the
+    torch path is one batched masked attention per layer (same function as
+    the Triton kernel and its reference)."""
+
+    def __init__(self, step: TreeAttentionStep, block_table: torch.Tensor):
+        dev = step.anc_bits.device
+        R, n = step.num_requests, step.max_nodes
+        nodes = step.num_nodes.long().to(dev)
+        starts = step.row_start.long().to(dev)
+        plen = step.prefix_len.long().to(dev)
+        c = int(plen.max()) if R else 0
+        i = torch.arange(n, device=dev)
+        self.node_ok = i[None, :] < nodes[:, None]  # [R, n]
+        self.q_rows = (starts[:, None] + 1 + i[None, :]).masked_fill(~self.node_ok, 0)
+        j = torch.arange(n + 1, device=dev)
+        self.tree_rows = (starts[:, None] + j[None, :]).masked_fill(j[None, :] > nodes[:, None], 0)
+        pos = torch.arange(c, device=dev)
+        pre_ok = pos[None, :] < plen[:, None]  # [R, c]
+        bt = block_table.to(dev)[step.tree_req.long().to(dev)]  # [R, blocks]
+        bs = step.block_size
+        self.blk = torch.where(pre_ok, bt.gather(1, (pos // bs).expand(R, c)).long(), 0) if c else pos.view(R, 0)
+        self.off = (pos % bs).expand(R, c)
+        vis = unpack_ancestor_bits(step.anc_bits[:, 1 : n + 1], n + 1)  # [R, n, n+1]
+        tree_ok = vis & (j[None, None, :] <= nodes[:, None, None])
+        self.mask = torch.cat([pre_ok[:, None, :].expand(R, n, c), tree_ok], dim=2)
+
+    def run(self, query, key, value, k_cache, v_cache, out3, scale) -> None:
+        kp, vp = k_cache[self.blk, self.off], v_cache[self.blk, self.off]  # [R, c, Hkv, D]
+        k = torch.cat([kp.to(key.dtype), key[self.tree_rows]], dim=1)
+        v = torch.cat([vp.to(value.dtype), value[self.tree_rows]], dim=1)
+        o = masked_attention(query[self.q_rows], k, v, self.mask, scale)
+        out3[self.q_rows[self.node_ok]] = o[self.node_ok].to(out3.dtype)
 
 
 def _block_table_of(metadata) -> torch.Tensor:
@@ -66,17 +108,19 @@ def paged_kv_views(impl, layer, kv_cache, step: TreeAttentionStep):
 
 def tree_attention_fixup(impl, layer, query, key, value, kv_cache, metadata, output, step):
     """Overwrite the draft-node rows of `output` with exact tree attention:
-    the Triton kernel on CUDA, its torch reference elsewhere (same function)."""
+    the Triton kernel on CUDA; elsewhere the same function in torch, batched
+    over the step's trees (see `_TorchPlan`)."""
     k_cache, v_cache = paged_kv_views(impl, layer, kv_cache, step)
     out3 = output.view(output.shape[0], impl.num_heads, -1)
-    fn = tree_attention_reference
+    block_table = _block_table_of(metadata)
     if kv_cache.is_cuda and HAS_TRITON:
-        fn = tree_attention_triton
-    fn(
-        query, key, value, k_cache, v_cache, _block_table_of(metadata),
-        step.tree_req, step.row_start, step.num_nodes, step.prefix_len, step.anc_bits,
-        impl.scale, out3, max_nodes=step.max_nodes,
-    )
+        tree_attention_triton(
+            query, key, value, k_cache, v_cache, block_table,
+            step.tree_req, step.row_start, step.num_nodes, step.prefix_len, step.anc_bits,
+            impl.scale, out3, max_nodes=step.max_nodes,
+        )
+    else:
+        step.torch_plan(block_table).run(query, key, value, k_cache, v_cache, out3, impl.scale)
 
 
 _CLASSES: dict[type, type] = {}

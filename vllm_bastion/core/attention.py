@@ -9,6 +9,34 @@ from __future__ import annotations
 import torch
 
 
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Batched attention with an explicit visibility mask (float32 math).
+
+    Args:
+        q: [R, n, Hq, d] queries; k, v: [R, m, Hkv, d] keys/values.
+        allowed: [R, n, m] bool, query i of batch r may see key j.
+        scale: softmax scale.
+
+    Returns [R, n, Hq, d] in q's dtype. GQA: Hq must be a multiple of Hkv.
+    A query that may see no key at all gets zeros.
+    """
+    R, n, Hq, d = q.shape
+    Hkv = k.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads {Hq} must be a multiple of kv heads {Hkv}")
+    g = Hq // Hkv
+    qf = q.float().view(R, n, Hkv, g, d)
+    scores = torch.einsum("rnhgd,rmhd->rhgnm", qf, k.float()) * scale  # [R, Hkv, g, n, m]
+    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+    mx = scores.amax(-1, keepdim=True)
+    p = torch.exp(scores - torch.where(torch.isinf(mx), torch.zeros_like(mx), mx))
+    den = p.sum(-1, keepdim=True)
+    p = p / torch.where(den == 0, torch.ones_like(den), den)
+    out = torch.einsum("rhgnm,rmhd->rnhgd", p, v.float()).reshape(R, n, Hq, d)
+    return out.to(q.dtype)
+
+
 def tree_attention_reference(
     q: torch.Tensor,
     k_prefix: torch.Tensor,
@@ -29,28 +57,15 @@ def tree_attention_reference(
             (ancestor-or-self).
         scale: softmax scale.
 
-    Returns [n, Hq, d] in q's dtype; the math is float32. GQA: Hq must be a
-    multiple of Hkv. A query that may see no key at all gets zeros.
+    Returns [n, Hq, d] in q's dtype; the math is float32 (`masked_attention`).
     """
-    n, Hq, d = q.shape
-    Hkv = k_tree.shape[1]
-    if Hq % Hkv:
-        raise ValueError(f"query heads {Hq} must be a multiple of kv heads {Hkv}")
-    g = Hq // Hkv
-    k = torch.cat([k_prefix, k_tree], 0).float()  # [c+n, Hkv, d]
-    v = torch.cat([v_prefix, v_tree], 0).float()
+    n = q.shape[0]
     c = k_prefix.shape[0]
-    qf = q.float().view(n, Hkv, g, d)
-    scores = torch.einsum("nhgd,mhd->hgnm", qf, k) * scale  # [Hkv, g, n, c+m]
     m = k_tree.shape[0]
     if allowed.shape != (n, m):
         raise ValueError(f"allowed must be [{n}, {m}], got {tuple(allowed.shape)}")
     mask = torch.ones((n, c + m), dtype=torch.bool, device=q.device)
     mask[:, c:] = allowed
-    scores = scores.masked_fill(~mask, float("-inf"))
-    mx = scores.amax(-1, keepdim=True)
-    p = torch.exp(scores - torch.where(torch.isinf(mx), torch.zeros_like(mx), mx))
-    den = p.sum(-1, keepdim=True)
-    p = p / torch.where(den == 0, torch.ones_like(den), den)
-    out = torch.einsum("hgnm,mhd->nhgd", p, v).reshape(n, Hq, d)
-    return out.to(q.dtype)
+    k = torch.cat([k_prefix.to(k_tree.dtype), k_tree], 0)
+    v = torch.cat([v_prefix.to(v_tree.dtype), v_tree], 0)
+    return masked_attention(q[None], k[None], v[None], mask[None], scale)[0]
