@@ -88,6 +88,13 @@ class BastionConfig(BaseModel):
         "latency model, adding nodes while they raise expected tokens per second; "
         "'fixed': every tree grows to max_nodes.",
     )
+    acceptance_calibration: bool = Field(
+        default=True,
+        description="Learn online how often a node is accepted given its parent was, "
+        "as a function of the drafter's log-prob and depth, and grow trees (and size "
+        "them) by those calibrated path probabilities; False: BASTION's raw product of "
+        "drafter marginals.",
+    )
     calibrate: bool = Field(
         default=True,
         description="Probe the target on this device at start-up (cached on disk "

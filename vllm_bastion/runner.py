@@ -33,15 +33,23 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner, _torch_cuda_wrapper
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_bastion._patches import bastion_config_of
+from vllm_bastion.core.acceptance import NUM_CLASSES, AcceptanceCalibrator
 from vllm_bastion.core.budget import plan_batch_budget
 from vllm_bastion.core.compaction import compaction_pairs, permute_rows_
 from vllm_bastion.core.cost_model import OnlineRefit
-from vllm_bastion.core.tree import TreeBatch, ancestor_mask, build_best_first_trees, chain_tree
+from vllm_bastion.core.tree import (
+    TreeBatch,
+    ancestor_mask,
+    build_best_first_trees,
+    chain_tree,
+    path_classes,
+)
 from vllm_bastion.core.walk import accept_walk
 from vllm_bastion.kernels import HAS_TRITON, compact_kv, compact_kv_reference, pack_ancestor_bits
 from vllm_bastion.proposer import BastionProposer
 from vllm_bastion.sampling import target_tokens
 from vllm_bastion.stats import StatsLogger
+from vllm_bastion import tree_attention as _tree_attention
 from vllm_bastion.tree_attention import (
     METADATA_ATTR,
     TreeAttentionStep,
@@ -104,14 +112,19 @@ class BastionRunnerMixin:
         cfg = bastion_config_of(self.vllm_config)
         assert cfg is not None
         self.bastion_config = cfg
-        self.bastion_stats = StatsLogger(cfg.stats_log_interval_s)
-        self._bastion_pending: dict[str, TreeBatch] = {}
+        self.bastion_stats = StatsLogger(cfg.stats_log_interval_s, _stats_file(self.vllm_config))
+        # trees proposed last step: (TreeBatch of the batch, {req_id: row})
+        self._bastion_pending: tuple[TreeBatch, dict[str, int]] | None = None
         self._bastion_step: _Step | None = None
         self._bastion_attach = False
         self._bastion_layers: list[str] = []
         self._bastion_exec = None  # (aux_hidden_states, slot_mappings) of the step
         self._bastion_budget = _Budget() if cfg.budget == "auto" else None
         self.bastion_stats.budget = self._bastion_budget
+        self.bastion_acceptance = (
+            AcceptanceCalibrator(cfg.draft_depth) if cfg.acceptance_calibration else None
+        )
+        self.bastion_stats.acceptance = self.bastion_acceptance
         self._bastion_shape = None  # (scheduled, computed) of the last step
         if hasattr(self, "drafter"):
             self.drafter = BastionProposer(
@@ -135,7 +148,9 @@ class BastionRunnerMixin:
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        t0 = time.perf_counter()
         self._bastion_step = self._bastion_build_step(scheduler_output, num_scheduled_tokens)
+        self.bastion_stats.timer.add("build_step", time.perf_counter() - t0)
         self._bastion_attach = True
         return out
 
@@ -148,22 +163,35 @@ class BastionRunnerMixin:
         row_starts = np.cumsum(sched) - sched
         computed = batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64)
 
-        rows: list[TreeBatch] = []
         nodes = np.zeros(num_reqs, dtype=np.int64)
+        src = np.zeros(num_reqs, dtype=np.int64)  # row of the pending tree batch
+        fallback: list[int] = []
+        pending, pending_rows = self._bastion_pending or (None, {})
+        ptoks = pending.tokens.numpy() if pending is not None else None
+        pnodes = pending.num_nodes.numpy() if pending is not None else None
         for i, rid in enumerate(req_ids):
-            draft = spec.get(rid) or []
+            draft = spec.get(rid)
+            if not draft:
+                continue
             n = len(draft)
-            tree = self._bastion_pending.get(rid)
-            if n and tree is not None and int(tree.num_nodes[0]) >= n and (
-                tree.tokens[0, 1 : 1 + n].tolist() == list(draft)
-            ):
-                rows.append(tree.truncate(torch.tensor([n])))
-            else:
-                # drafts BASTION did not build as a tree (or none): verify as a chain
-                rows.append(chain_tree([list(draft)]))
             nodes[i] = n
-        self._bastion_pending.clear()
-        trees = _stack_trees(rows)
+            j = pending_rows.get(rid)
+            if j is not None and pnodes[j] >= n and np.array_equal(ptoks[j, 1 : 1 + n], draft):
+                src[i] = j
+            else:
+                fallback.append(i)  # drafts BASTION did not build as a tree: a chain
+        self._bastion_pending = None
+        keep = nodes.copy()
+        keep[fallback] = 0
+        if pending is not None:
+            trees = pending.select(torch.from_numpy(src)).truncate(torch.from_numpy(keep))
+        else:
+            trees = chain_tree([[] for _ in range(num_reqs)])
+        if fallback:
+            rows = [trees.select([i]) for i in range(num_reqs)]
+            for i in fallback:
+                rows[i] = chain_tree([list(spec[req_ids[i]])])
+            trees = _stack_trees(rows)
         # the sampled row 0 of a request is its first spec row (root) or, for a
         # prefill chunk, its last scheduled row
         root_pos = computed + sched - 1 - nodes
@@ -226,7 +254,13 @@ class BastionRunnerMixin:
         if budget is not None and budget.refit is None and scheduler_output.total_num_scheduled_tokens:
             self._bastion_calibrate()
         t0 = time.perf_counter()
+        fix0 = _tree_attention.FIXUP_SECONDS[0]
         out = super().execute_model(scheduler_output, intermediate_tensors)
+        timer = self.bastion_stats.timer
+        timer.steps += 1
+        timer.add("verify_forward", time.perf_counter() - t0)
+        timer.add("step_total", time.perf_counter() - t0)
+        timer.add("tree_attention", _tree_attention.FIXUP_SECONDS[0] - fix0)
         st = self.execute_model_state
         self._bastion_exec = (st.aux_hidden_states, st.slot_mappings) if st is not None else None
         if budget is not None and st is not None and self._bastion_step is not None:
@@ -246,8 +280,10 @@ class BastionRunnerMixin:
         budget = self._bastion_budget
         t0 = time.perf_counter()
         out = super().sample_tokens(grammar_output)
+        t1 = time.perf_counter()
+        self.bastion_stats.timer.add("sample_total", t1 - t0)
+        self.bastion_stats.timer.add("step_total", t1 - t0)
         if budget is not None:
-            t1 = time.perf_counter()
             budget.observe_fixed((t1 - t0) + (budget.gap_ema or 0.0))
             if budget.refit is not None and self.bastion_config.online_refit:
                 budget.refit.update_fixed(budget.t_fix)
@@ -264,7 +300,8 @@ class BastionRunnerMixin:
         if cfg.calibrate:
             model, fit, source = calibration.calibrate(
                 self, device_profile=cfg.device_profile, log=logger)
-            budget.fit_error = fit.mape if fit is not None else None
+            budget.fit_error = (fit.mape if fit is not None else calibration.cached_fit_error(
+                self, device_profile=cfg.device_profile))
         else:
             shape = calibration.model_shape(self.vllm_config)
             prior = calibration.resolve_prior(self, cfg.device_profile)
@@ -334,16 +371,28 @@ class BastionRunnerMixin:
         depth_rows = torch.cat([trees.depths[b, : int(counts[b])] for b in range(num_reqs)])
         pos_rows = torch.from_numpy(step.root_pos).repeat_interleave(counts) + depth_rows + 1
         seeds = [self.requests[r].sampling_params.seed for r in req_ids]
+        timer = self.bastion_stats.timer
+        t0 = time.perf_counter()
         tok = target_tokens(
             logits, counts, self.input_batch.sampling_metadata, seeds, pos_rows
         ).cpu()
+        t1 = time.perf_counter()
+        timer.add("target_tokens", t1 - t0)
 
         target = torch.full((num_reqs, W), -1, dtype=torch.long)
         col = torch.cat([torch.arange(int(c)) for c in counts])
         target[torch.arange(num_reqs).repeat_interleave(counts), col] = tok
         result = accept_walk(trees, target)
+        if self.bastion_acceptance is not None and trees.node_logq is not None:
+            t = result.tested_mask
+            self.bastion_acceptance.update(
+                trees.depths[t], trees.node_logq[t], result.accepted_mask[t],
+                path_classes(trees, NUM_CLASSES - 1)[t])
 
+        t2 = time.perf_counter()
+        timer.add("walk", t2 - t1)
         self._bastion_compact(step, result)
+        timer.add("compaction", time.perf_counter() - t2)
         has = (trees.num_nodes > 0).nonzero().squeeze(1).tolist()
         if has:
             self.bastion_stats.observe(
@@ -403,20 +452,30 @@ class BastionRunnerMixin:
         )
 
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
+        timer = self.bastion_stats.timer
+        t0 = time.perf_counter()
         super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
+        t1 = time.perf_counter()
+        timer.add("draft", t1 - t0)
         topk = self.drafter.take_topk()
         num_reqs = self.input_batch.num_reqs
         req_ids = self.input_batch.req_ids[:num_reqs]
         if topk is None:
-            self._bastion_pending.clear()
+            self._bastion_pending = None
             return [[] for _ in req_ids]
         logp, toks = (t[:num_reqs].cpu() for t in topk)
-        trees = build_best_first_trees(logp, toks, max_nodes=self.bastion_config.max_nodes)
+        cal = self.bastion_acceptance
+        trees = build_best_first_trees(
+            logp, toks, max_nodes=self.bastion_config.max_nodes,
+            class_values=cal.class_values(logp) if cal is not None else None)
         # every rank keeps the full tree; the scheduler's (rank 0's) node count
         # truncates it next step (any best-first prefix is a tree)
-        self._bastion_pending = {rid: trees.select([i]) for i, rid in enumerate(req_ids)}
+        self._bastion_pending = (trees, {rid: i for i, rid in enumerate(req_ids)})
+        t2 = time.perf_counter()
+        timer.add("tree_build", t2 - t1)
         if self._bastion_budget is not None:
             trees = trees.truncate(self._bastion_plan(trees, sampled_token_ids))
+            timer.add("budget", time.perf_counter() - t2)
         return trees.node_lists()
 
     def _copy_draft_token_ids_to_cpu(self, scheduler_output, zeros_only: bool = False):
@@ -424,8 +483,23 @@ class BastionRunnerMixin:
             # vLLM zeroes drafts when the drafter cannot run (near max_model_len);
             # BASTION schedules no tree instead of a chain of zeros.
             self._draft_token_ids = [[] for _ in self.input_batch.req_ids]
-            self._bastion_pending.clear()
+            self._bastion_pending = None
         return super()._copy_draft_token_ids_to_cpu(scheduler_output, zeros_only=False)
+
+
+def _stats_file(vllm_config) -> str | None:
+    """The front end's /metrics file for this engine (written by TP rank 0 only)."""
+    from vllm_bastion.metrics import STATS_FILE_ATTR
+
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        if get_tensor_model_parallel_rank() != 0:
+            return None
+    except Exception:  # noqa: BLE001 - no distributed state: single process
+        pass
+    hf = vllm_config.speculative_config.draft_model_config.hf_config
+    return getattr(hf, STATS_FILE_ATTR, None)
 
 
 def _stack_trees(rows: list[TreeBatch]) -> TreeBatch:
@@ -441,6 +515,9 @@ def _stack_trees(rows: list[TreeBatch]) -> TreeBatch:
         ranks=torch.cat([pad(t.ranks, -1) for t in rows]),
         scores=torch.cat([pad(t.scores, float("-inf")) for t in rows]),
         num_nodes=torch.cat([t.num_nodes for t in rows]),
+        node_logq=torch.cat([
+            pad(t.node_logq if t.node_logq is not None else torch.full_like(t.scores, float("-inf")),
+                float("-inf")) for t in rows]),
     )
 
 

@@ -19,6 +19,7 @@ layers on the attention metadata object (`metadata.bastion_tree`).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ from vllm_bastion.kernels import HAS_TRITON, tree_attention_triton, unpack_ances
 from vllm_bastion.kv_layout import probe_layout
 
 METADATA_ATTR = "bastion_tree"
+FIXUP_SECONDS = [0.0]  # host time spent in tree attention (read by the runner's stats)
 
 
 @dataclass
@@ -79,14 +81,19 @@ class _TorchPlan:
         self.off = (pos % bs).expand(R, c)
         vis = unpack_ancestor_bits(step.anc_bits[:, 1 : n + 1], n + 1)  # [R, n, n+1]
         tree_ok = vis & (j[None, None, :] <= nodes[:, None, None])
-        self.mask = torch.cat([pre_ok[:, None, :].expand(R, n, c), tree_ok], dim=2)
+        mask = torch.cat([pre_ok[:, None, :].expand(R, n, c), tree_ok], dim=2)
+        # padding query rows (past a request's num_nodes) see its root: never
+        # empty, never written back
+        mask[:, :, c] |= ~self.node_ok
+        self.mask = mask
+        self.out_rows = self.q_rows[self.node_ok]
 
     def run(self, query, key, value, k_cache, v_cache, out3, scale) -> None:
         kp, vp = k_cache[self.blk, self.off], v_cache[self.blk, self.off]  # [R, c, Hkv, D]
         k = torch.cat([kp.to(key.dtype), key[self.tree_rows]], dim=1)
         v = torch.cat([vp.to(value.dtype), value[self.tree_rows]], dim=1)
         o = masked_attention(query[self.q_rows], k, v, self.mask, scale)
-        out3[self.q_rows[self.node_ok]] = o[self.node_ok].to(out3.dtype)
+        out3[self.out_rows] = o[self.node_ok].to(out3.dtype)
 
 
 def _block_table_of(metadata) -> torch.Tensor:
@@ -140,7 +147,9 @@ def tree_impl_class(cls: type) -> type:
         out = cls.forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         step = getattr(attn_metadata, METADATA_ATTR, None) if attn_metadata is not None else None
         if step is not None and step.num_requests:
+            t0 = time.perf_counter()
             tree_attention_fixup(self, layer, query, key, value, kv_cache, attn_metadata, output, step)
+            FIXUP_SECONDS[0] += time.perf_counter() - t0
         return out
 
     sub = type(

@@ -7,6 +7,7 @@ A tree node attends to the request's cached prefix and to its own ancestors
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
@@ -19,21 +20,23 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed:
         scale: softmax scale.
 
     Returns [R, n, Hq, d] in q's dtype. GQA: Hq must be a multiple of Hkv.
-    A query that may see no key at all gets zeros.
+    A query that may see no key at all gets zeros. (torch's fused
+    scaled_dot_product_attention in float32: softmax(q k^T * scale) v.)
     """
     R, n, Hq, d = q.shape
     Hkv = k.shape[2]
     if Hq % Hkv:
         raise ValueError(f"query heads {Hq} must be a multiple of kv heads {Hkv}")
-    g = Hq // Hkv
-    qf = q.float().view(R, n, Hkv, g, d)
-    scores = torch.einsum("rnhgd,rmhd->rhgnm", qf, k.float()) * scale  # [R, Hkv, g, n, m]
-    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
-    mx = scores.amax(-1, keepdim=True)
-    p = torch.exp(scores - torch.where(torch.isinf(mx), torch.zeros_like(mx), mx))
-    den = p.sum(-1, keepdim=True)
-    p = p / torch.where(den == 0, torch.ones_like(den), den)
-    out = torch.einsum("rhgnm,rmhd->rnhgd", p, v.float()).reshape(R, n, Hq, d)
+    empty = ~allowed.any(dim=-1)  # [R, n]
+    has_empty = bool(empty.any())
+    if has_empty:
+        allowed = allowed | empty[..., None]
+    out = F.scaled_dot_product_attention(
+        q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
+        attn_mask=allowed[:, None], scale=scale, enable_gqa=Hq != Hkv,
+    ).transpose(1, 2)
+    if has_empty:
+        out = out.masked_fill(empty[..., None, None], 0.0)
     return out.to(q.dtype)
 
 

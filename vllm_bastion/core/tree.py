@@ -42,6 +42,7 @@ class TreeBatch:
     ranks: torch.Tensor  # int64; rank of the token among the depth's top-k
     scores: torch.Tensor  # float32; log P(u); 0 for root, -inf for padding
     num_nodes: torch.Tensor  # int64 [B]; draft nodes, root excluded
+    node_logq: torch.Tensor | None = None  # float32; the node's own per-depth log-prob
 
     @property
     def batch_size(self) -> int:
@@ -71,6 +72,7 @@ class TreeBatch:
             ranks=self.ranks[:, :width].clone(),
             scores=self.scores[:, :width].clone(),
             num_nodes=num_nodes.clone(),
+            node_logq=None if self.node_logq is None else self.node_logq[:, :width].clone(),
         )
         t._pad_invalid()
         return t
@@ -82,6 +84,8 @@ class TreeBatch:
         self.depths.masked_fill_(invalid, -1)
         self.ranks.masked_fill_(invalid, -1)
         self.scores.masked_fill_(invalid, NEG_INF)
+        if self.node_logq is not None:
+            self.node_logq.masked_fill_(invalid, NEG_INF)
 
     def select(self, rows: torch.Tensor | list[int]) -> TreeBatch:
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.tokens.device)
@@ -92,12 +96,14 @@ class TreeBatch:
             ranks=self.ranks[rows],
             scores=self.scores[rows],
             num_nodes=self.num_nodes[rows],
+            node_logq=None if self.node_logq is None else self.node_logq[rows],
         )
 
     def to(self, device: torch.device | str) -> TreeBatch:
-        return TreeBatch(
-            **{k: getattr(self, k).to(device) for k in self.__dataclass_fields__}
-        )
+        return TreeBatch(**{
+            k: (None if getattr(self, k) is None else getattr(self, k).to(device))
+            for k in self.__dataclass_fields__
+        })
 
     def node_lists(self) -> list[list[int]]:
         """Draft tokens of every request in best-first order (root excluded)."""
@@ -136,7 +142,8 @@ def chain_tree(tokens: list[list[int]], root_tokens: list[int] | None = None) ->
             dep[b, 1 : 1 + k] = torch.arange(1, k + 1)
             rank[b, 1 : 1 + k] = 0
             score[b, 1 : 1 + k] = 0.0
-    return TreeBatch(tok, par, dep, rank, score, torch.tensor(n, dtype=torch.long))
+    return TreeBatch(tok, par, dep, rank, score, torch.tensor(n, dtype=torch.long),
+                     torch.full((B, W), NEG_INF))
 
 
 def topk_per_depth(
@@ -155,6 +162,7 @@ def build_best_first_trees(
     max_nodes: int,
     num_nodes: torch.Tensor | None = None,
     max_depth: torch.Tensor | int | None = None,
+    class_values: torch.Tensor | None = None,
 ) -> TreeBatch:
     """Grow every request's tree best-first by path confidence.
 
@@ -167,6 +175,12 @@ def build_best_first_trees(
             `vllm_bastion.core.budget`.
         max_depth: optional int or [B] depth limit (e.g. room left before
             max_model_len); nodes deeper than this are never created.
+        class_values: optional [B, D, C, K] score of a node by its depth, rank
+            and *path class* c = number of non-top-1 choices on its path
+            (itself included), capped at C-1 (see core.acceptance). Replaces
+            topk_logprobs in the path scores; every value must be <= 0 so a
+            node never outscores its parent. topk_logprobs still define the
+            ranks (and node_logq).
 
     Returns the trees in best-first order (see module docstring). Vectorized:
     one top-k per depth over the whole batch, no Python loop per node.
@@ -200,12 +214,27 @@ def build_best_first_trees(
     level_parent_slot: list[torch.Tensor] = []  # index into previous level, -1 root
     level_tokens: list[torch.Tensor] = []
     level_ranks: list[torch.Tensor] = []
+    level_logq: list[torch.Tensor] = []
 
+    if class_values is not None:
+        C = class_values.shape[2]
+        cv = class_values.float()
+        rank_off = (torch.arange(K, device=device) > 0).long()  # a non-top-1 choice
+        b_idx = torch.arange(B, device=device)[:, None, None]
+        k_idx = torch.arange(K, device=device)[None, None, :]
+    level_class: list[torch.Tensor] = []
     if M > 0 and D > 0 and K > 0:
         prev = torch.zeros(B, 1, device=device)  # the root
+        prev_cls = torch.zeros(B, 1, dtype=torch.long, device=device)
+        pool = None  # the M best scores seen so far (for early termination)
         for d in range(D):
             W = prev.shape[1]
-            cand = prev[:, :, None] + logp[:, d, None, :]  # [B, W, K]
+            if class_values is None:
+                cand = prev[:, :, None] + logp[:, d, None, :]  # [B, W, K]
+            else:
+                cls = (prev_cls[:, :, None] + rank_off).clamp(max=C - 1)  # [B, W, K]
+                vals = cv[:, d][b_idx, cls, k_idx]  # [B, W, K] by (class, rank)
+                cand = prev[:, :, None] + vals
             cand = cand.reshape(B, W * K)
             keep = min(M, W * K)
             sc, idx = cand.topk(keep, dim=1, sorted=True)
@@ -213,12 +242,21 @@ def build_best_first_trees(
             sc = sc.masked_fill(~alive, NEG_INF)
             slot = idx // K
             rk = idx % K
+            if class_values is not None:
+                prev_cls = (prev_cls.gather(1, slot) + (rk > 0).long()).clamp(max=C - 1)
+                level_class.append(prev_cls)
             level_scores.append(sc)
             level_parent_slot.append(slot if d > 0 else torch.full_like(slot, -1))
             level_tokens.append(toks[:, d, :].gather(1, rk))
             level_ranks.append(rk)
+            level_logq.append(logp[:, d, :].gather(1, rk))
             prev = sc
             if not bool(torch.isfinite(sc).any()):
+                break
+            # no deeper node can beat the M-th best so far: every descendant of
+            # this level scores <= this level's best (ties lose to shallower nodes)
+            pool = sc if pool is None else torch.cat([pool, sc], 1).topk(min(M, pool.shape[1] + sc.shape[1]), 1).values
+            if pool.shape[1] >= M and bool((sc[:, 0] <= pool[:, M - 1]).all()):
                 break
 
     if not level_scores:
@@ -280,7 +318,10 @@ def build_best_first_trees(
     scores = torch.cat(
         [torch.zeros((B, 1), device=device), all_scores.gather(1, order)], 1
     )
-    trees = TreeBatch(tokens, parents, depths, ranks, scores, n.to(torch.long))
+    node_logq = torch.cat(
+        [torch.full((B, 1), NEG_INF, device=device), torch.cat(level_logq, dim=1).gather(1, order)], 1
+    )
+    trees = TreeBatch(tokens, parents, depths, ranks, scores, n.to(torch.long), node_logq)
     trees._pad_invalid()
     return trees
 
@@ -294,7 +335,35 @@ def _empty_trees(B: int, device: torch.device | str) -> TreeBatch:
         ranks=z.clone(),
         scores=torch.zeros((B, 1), device=device),
         num_nodes=torch.zeros(B, dtype=torch.long, device=device),
+        node_logq=torch.full((B, 1), NEG_INF, device=device),
     )
+
+
+def gather_node_values(trees: TreeBatch, per_depth: torch.Tensor) -> torch.Tensor:
+    """[B, D, K] per-depth values (e.g. raw drafter log-probs) -> [B, W] the
+    value of every tree node (by its depth and rank); -inf for root/padding."""
+    B, W = trees.tokens.shape
+    D = per_depth.shape[1]
+    d = (trees.depths - 1).clamp(0, D - 1)
+    r = trees.ranks.clamp(min=0)
+    vals = per_depth.float()[torch.arange(B, device=d.device)[:, None], d, r]
+    ok = trees.valid_mask() & (trees.depths >= 1)
+    return torch.where(ok, vals, torch.full_like(vals, NEG_INF))
+
+
+def path_classes(trees: TreeBatch, cap: int) -> torch.Tensor:
+    """[B, W] number of non-top-1 choices on each node's path (itself
+    included), capped at `cap`; 0 for the root, -1 for padding."""
+    B, W = trees.tokens.shape
+    valid = trees.valid_mask()
+    cls = torch.zeros((B, W), dtype=torch.long, device=trees.tokens.device)
+    off = (trees.ranks > 0).long()
+    parents = trees.parents.clamp(min=0)
+    max_depth = int(trees.depths.max().item()) if W > 1 else 0
+    for d in range(1, max_depth + 1):
+        at_d = (trees.depths == d) & valid
+        cls = torch.where(at_d, (cls.gather(1, parents) + off).clamp(max=cap), cls)
+    return cls.masked_fill(~valid, -1)
 
 
 def ancestor_mask(trees: TreeBatch) -> torch.Tensor:

@@ -34,6 +34,9 @@ class WalkResult:
     path_nodes: torch.Tensor  # [B, max_depth] tree column of the j-th accepted node, -1 after
     last_node: torch.Tensor  # [B] column of the deepest accepted node (0 = root)
     chain_accepted: torch.Tensor  # [B] what a chain of the top-1 drafts would have accepted
+    accepted_mask: torch.Tensor  # [B, W] accepted columns (root included)
+    tested_mask: torch.Tensor  # [B, W] draft nodes whose parent was accepted (each was
+    #                              tested against the target's choice at its parent)
 
 
 def accept_walk(trees: TreeBatch, target_tokens: torch.Tensor) -> WalkResult:
@@ -98,12 +101,15 @@ def accept_walk(trees: TreeBatch, target_tokens: torch.Tensor) -> WalkResult:
     out = torch.where(j < num_accepted[:, None], path_tokens, out)
     bonus = target.gather(1, last_node[:, None])
     out.scatter_(1, num_accepted[:, None], bonus)
+    tested = valid & (depths >= 1) & accepted.gather(1, parents)
     return WalkResult(
         output_tokens=out,
         num_accepted=num_accepted,
         path_nodes=path[:, :max_depth] if max_depth else path[:, :0],
         last_node=last_node,
         chain_accepted=chain_accepted,
+        accepted_mask=accepted,
+        tested_mask=tested,
     )
 
 
