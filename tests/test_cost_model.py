@@ -21,6 +21,7 @@ from vllm_bastion.core.cost_model import (
     load_device_prior,
     load_device_priors,
     load_profile,
+    load_profile_mape,
     probe_plan,
     save_profile,
     verify_bytes,
@@ -446,6 +447,8 @@ def test_profile_roundtrip(tmp_path):
     fit = fit_latency_model(_synthetic(lm, plan, 0.0, rng), sh, h100())
     save_profile(path, key, fit.model, fit)
     assert "fit" in json.loads(path.read_text())["profiles"][-1]
+    assert load_profile_mape(path, key) == pytest.approx(fit.mape)  # the cached fit keeps its error
+    assert load_profile_mape(path, other) is None  # saved without a fit
 
 
 def test_probe_plan():

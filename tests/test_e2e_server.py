@@ -37,7 +37,7 @@ def server(tiny_pair, tmp_path_factory):
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
+    deadline = time.time() + 480
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {open(log_path).read()[-3000:]}")
@@ -103,18 +103,119 @@ def test_unsupported_request_gets_400_and_server_survives(server):
     assert requests.get(url + "/health", timeout=5).status_code == 200
 
 
+def _metric(text: str, name: str, **labels) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
 def test_metrics_and_log_show_tree_stats(server):
     url, model, log_path = server
     requests.post(url + "/v1/completions", json={
         "model": model, "prompt": "while True:", "max_tokens": 32, "temperature": 0.0,
         "ignore_eos": True}, timeout=60)
-    metrics = requests.get(url + "/metrics", timeout=10).text
-    drafts = [line for line in metrics.splitlines() if line.startswith("vllm:spec_decode_num_draft_tokens")]
-    assert drafts and float(drafts[0].split()[-1]) > 0
-    assert "vllm:spec_decode_num_accepted_tokens_per_pos" in metrics
-    time.sleep(1.0)
+    time.sleep(1.5)  # the worker writes its stats snapshot at most once per second
     requests.post(url + "/v1/completions", json={
         "model": model, "prompt": "if x:", "max_tokens": 8, "temperature": 0.0}, timeout=60)
+    metrics = requests.get(url + "/metrics", timeout=10).text
+    # vLLM's own spec-decode metrics see the trees (drafts = tree nodes)
+    assert _metric(metrics, "vllm:spec_decode_num_draft_tokens_total") > 0
+    assert "vllm:spec_decode_num_accepted_tokens_per_pos" in metrics
+    # BASTION's own, next to them
+    nodes = _metric(metrics, "vllm:bastion_tree_nodes_total", model_name=model)
+    trees = _metric(metrics, "vllm:bastion_trees_total", model_name=model)
+    assert nodes and trees and nodes >= trees > 0
+    assert _metric(metrics, "vllm:bastion_mean_tree_size", model_name=model) > 0
+    assert _metric(metrics, "vllm:bastion_accepted_tokens_total", model_name=model) is not None
+    assert _metric(metrics, "vllm:bastion_mean_accepted_length", model_name=model) >= 1.0
+    for coef in ("a_c", "b_c", "a_m", "b_m", "t_fix"):
+        assert _metric(metrics, "vllm:bastion_latency_model", model_name=model, coefficient=coef) is not None
+    assert _metric(metrics, "vllm:bastion_latency_refit_rel_error", model_name=model) >= 0
+    assert _metric(metrics, "vllm:bastion_latency_calibration_mape", model_name=model) >= 0
     log = open(log_path).read()
     assert "BASTION tree speculation: DFlash drafter" in log
     assert "BASTION:" in log and "mean tree" in log
+    assert "BASTION latency model" in log
+
+
+BAD_REQUESTS = [
+    # (request body overrides, text the error must contain)
+    ({"presence_penalty": 1.0}, "presence_penalty"),
+    ({"frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"repetition_penalty": 1.3}, "repetition_penalty"),
+    ({"logprobs": 3}, "logprobs"),
+    ({"min_tokens": 2}, "min_tokens"),
+    ({"bad_words": ["def"]}, "bad_words"),
+    ({"allowed_token_ids": [1, 2, 3]}, "allowed_token_ids"),
+    ({"structured_outputs": {"regex": "[a-z]+"}}, "structured outputs"),
+    ({"min_p": 0.2}, "min_p"),
+    ({"logit_bias": {"5": 3.0}}, "logit_bias"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"max_tokens": -5}, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("body,needle", BAD_REQUESTS, ids=[n for _, n in BAD_REQUESTS])
+def test_bad_requests_get_clear_400(server, body, needle):
+    url, model, _ = server
+    resp = requests.post(url + "/v1/completions",
+                         json={"model": model, "prompt": "x", "max_tokens": 4, **body}, timeout=30)
+    assert resp.status_code == 400, (resp.status_code, resp.text)
+    assert needle in resp.text, resp.text
+    assert requests.get(url + "/health", timeout=5).status_code == 200
+
+
+def test_concurrent_streaming_clients_with_aborts(server, reference_llm):
+    """48 concurrent streaming clients, every 10th aborts mid-stream: all others
+    complete and equal the no-speculation reference; no KV blocks leak."""
+    import asyncio
+
+    from openai import AsyncOpenAI
+    from prompts import mixed_prompts
+
+    url, model, _ = server
+    n, max_tokens = 48, 24
+    prompts = mixed_prompts(n, seed=77, max_words=60)
+    ref = token_ids(reference_llm.generate(
+        prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False))
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0, timeout=300)
+
+    async def one(i):
+        stream = await client.completions.create(
+            model=model, prompt=prompts[i], max_tokens=max_tokens, temperature=0.0, stream=True,
+            extra_body={"ignore_eos": True, "return_token_ids": True})
+        ids: list[int] = []
+        chunks = 0
+        async for chunk in stream:
+            if chunk.choices:
+                ch = chunk.choices[0]
+                ids += list(getattr(ch, "token_ids", None) or (ch.model_extra or {}).get("token_ids") or [])
+            chunks += 1
+            if i % 10 == 3 and chunks == 3:
+                await stream.close()  # the client goes away mid-stream
+                return i, None
+        return i, ids
+
+    async def all_clients():
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+    results = asyncio.run(all_clients())
+    done = [(i, t) for i, t in results if t is not None]
+    assert len(done) == n - len([i for i in range(n) if i % 10 == 3])
+    for i, ids in done:  # token ids: random-weight byte tokens do not detokenize stably
+        assert ids == ref[i], i
+    # no KV blocks leaked once every request is over
+    deadline = time.time() + 30
+    usage = None
+    while time.time() < deadline:
+        metrics = requests.get(url + "/metrics", timeout=10).text
+        usage = _metric(metrics, "vllm:kv_cache_usage_perc")
+        running = _metric(metrics, "vllm:num_requests_running")
+        if usage == 0.0 and running == 0.0:
+            break
+        time.sleep(0.5)
+    assert usage == 0.0, usage
+    assert requests.get(url + "/health", timeout=5).status_code == 200

@@ -144,7 +144,15 @@ def _create_speculative_config(orig, self, target_model_config, target_parallel_
         spec = orig(self, target_model_config, target_parallel_config)
     finally:
         self.speculative_config, self.spec_method, self.spec_model = saved
-    setattr(spec.draft_model_config.hf_config, BASTION_ATTR, resolved.model_dump())
+    hf = spec.draft_model_config.hf_config
+    setattr(hf, BASTION_ATTR, resolved.model_dump())
+    # the worker's tree statistics reach this process's /metrics through a file
+    from vllm_bastion import metrics
+
+    stats_file = metrics.new_stats_file()
+    setattr(hf, metrics.STATS_FILE_ATTR, stats_file)
+    served = getattr(target_model_config, "served_model_name", None) or target_model_config.model
+    metrics.register_stats_file(stats_file, served if isinstance(served, str) else served[0])
     return spec
 
 

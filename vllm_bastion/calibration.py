@@ -29,6 +29,7 @@ from vllm_bastion.core.cost_model import (
     fit_latency_model,
     load_device_prior,
     load_profile,
+    load_profile_mape,
     save_profile,
 )
 
@@ -172,6 +173,18 @@ def probe_drafter(runner, batch_sizes=(1, 4)) -> float:
     return float(np.median(times))
 
 
+def _profile_key(runner, shape, device_profile):
+    key = profile_key(runner, shape)
+    key["prior"] = resolve_prior(runner, device_profile).name
+    return key
+
+
+def cached_fit_error(runner, *, device_profile: str | None = None) -> float | None:
+    """The fit error (MAPE) stored with this runner's cached profile, if any."""
+    key = _profile_key(runner, model_shape(runner.vllm_config), device_profile)
+    return load_profile_mape(cache_file(), key)
+
+
 def calibrate(runner, *, device_profile: str | None = None, use_cache: bool = True,
               progress: bool = True, log=None) -> tuple[LatencyModel, FitResult | None, str]:
     """The latency model for this runner: cached fit, or probe + fit + cache.
@@ -180,8 +193,7 @@ def calibrate(runner, *, device_profile: str | None = None, use_cache: bool = Tr
     """
     shape = model_shape(runner.vllm_config)
     prior = resolve_prior(runner, device_profile)
-    key = profile_key(runner, shape)
-    key["prior"] = prior.name
+    key = _profile_key(runner, shape, device_profile)
     path = cache_file()
     if use_cache:
         cached = load_profile(path, key)

@@ -57,23 +57,54 @@ class BastionStats:
         return out
 
 
+class PhaseTimer:
+    """Host wall time per step phase (on CPU that is the phase's cost; on GPU,
+    where kernels run asynchronously, it is the host-side overhead)."""
+
+    PHASES = ("build_step", "verify_forward", "tree_attention", "target_tokens", "walk",
+              "compaction", "draft", "tree_build", "budget", "sample_total", "step_total")
+
+    def __init__(self):
+        self.total = {p: 0.0 for p in self.PHASES}
+        self.steps = 0
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.total[phase] = self.total.get(phase, 0.0) + seconds
+
+    def summary(self) -> dict:
+        n = max(self.steps, 1)
+        return {f"{k}_ms": round(1e3 * v / n, 3) for k, v in self.total.items()} | {"steps": self.steps}
+
+
 class StatsLogger:
-    def __init__(self, interval_s: float):
+    def __init__(self, interval_s: float, stats_file: str | None = None):
         self.interval_s = interval_s
         self.total = BastionStats()
         self.window = BastionStats()
         self._last = time.monotonic()
         self.budget = None  # the runner's 'auto' budget state, if any
+        self.acceptance = None  # the runner's acceptance calibrator, if any
+        self.timer = PhaseTimer()
+        self.writer = None
+        if stats_file:
+            from vllm_bastion.metrics import SnapshotWriter
+
+            self.writer = SnapshotWriter(stats_file)
 
     def snapshot(self) -> dict:
         out = self.total.summary()
         if self.budget is not None:
             out["budget"] = self.budget.summary()
+        if self.acceptance is not None:
+            out["acceptance_calibration"] = self.acceptance.summary()
+        out["time_per_step"] = self.timer.summary()
         return out
 
     def observe(self, nodes, accepted, chain, depths) -> None:
         self.total.observe(nodes, accepted, chain, depths)
         self.window.observe(nodes, accepted, chain, depths)
+        if self.writer is not None:
+            self.writer.maybe_write(self.snapshot)
         if self.interval_s <= 0:
             return
         now = time.monotonic()
@@ -122,6 +153,7 @@ class BastionWorkerExtension:
         if stats is None:
             return False
         stats.total = BastionStats()
+        stats.timer = PhaseTimer()
         if stats.budget is not None:
             stats.budget.planned_steps = stats.budget.planned_nodes = 0
         return True

@@ -1351,8 +1351,7 @@ def save_profile(
         raise
 
 
-def load_profile(path: str | os.PathLike, key: dict[str, Any]) -> LatencyModel | None:
-    """The stored model for exactly `key`, or None (missing file or key)."""
+def _load_profile_record(path: str | os.PathLike, key: dict[str, Any]) -> dict[str, Any] | None:
     path = Path(path)
     if not path.exists():
         return None
@@ -1363,5 +1362,18 @@ def load_profile(path: str | os.PathLike, key: dict[str, Any]) -> LatencyModel |
     ks = _key_str(key)
     for p in data.get("profiles", []):
         if _key_str(p["key"]) == ks:
-            return profile_from_dict(p)
+            return p
     return None
+
+
+def load_profile(path: str | os.PathLike, key: dict[str, Any]) -> LatencyModel | None:
+    """The stored model for exactly `key`, or None (missing file or key)."""
+    rec = _load_profile_record(path, key)
+    return profile_from_dict(rec) if rec is not None else None
+
+
+def load_profile_mape(path: str | os.PathLike, key: dict[str, Any]) -> float | None:
+    """The fit error (MAPE) stored with the profile for `key`, if any."""
+    rec = _load_profile_record(path, key)
+    mape = (rec or {}).get("fit", {}).get("mape")
+    return float(mape) if mape is not None else None
