@@ -116,9 +116,7 @@ def run_server(method, target, drafter, prompts, *, batch_size, max_tokens, dept
             except requests.RequestException:
                 pass
             time.sleep(1)
-        client = AsyncOpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0, timeout=1800)
-
-        async def complete(p):
+        async def complete(client, p):
             r = await client.completions.create(
                 model=target, prompt=p, max_tokens=max_tokens, temperature=0.0,
                 extra_body={"ignore_eos": True, "return_token_ids": True})
@@ -126,23 +124,28 @@ def run_server(method, target, drafter, prompts, *, batch_size, max_tokens, dept
             ids = getattr(ch, "token_ids", None) or (ch.model_extra or {}).get("token_ids")
             return list(ids or [])
 
-        async def drive(ps):
+        async def drive(client, ps):
             sem = asyncio.Semaphore(batch_size)
             out = [None] * len(ps)
 
             async def worker(i):
                 async with sem:
-                    out[i] = await complete(ps[i])
+                    out[i] = await complete(client, ps[i])
 
             await asyncio.gather(*(worker(i) for i in range(len(ps))))
             return out
 
-        asyncio.run(drive(list(warmup_prompts)))
-        before = _metrics(url)
-        t0 = time.perf_counter()
-        outs = asyncio.run(drive(prompts))
-        wall = time.perf_counter() - t0
-        after = _metrics(url)
+        async def session():  # one event loop for the client's whole life
+            async with AsyncOpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0,
+                                   timeout=1800) as client:
+                await drive(client, list(warmup_prompts))
+                before = _metrics(url)
+                t0 = time.perf_counter()
+                outs = await drive(client, prompts)
+                wall = time.perf_counter() - t0
+                return before, outs, wall, _metrics(url)
+
+        before, outs, wall, after = asyncio.run(session())
     finally:
         proc.terminate()
         try:
@@ -204,7 +207,10 @@ def write_outputs(results: list[dict], out: str, meta: dict) -> None:
     axes[0].legend(fontsize=8)
     for r in slim:
         if r["method"] != "ar" and r["acceptance_by_depth"] and r["mode"] == slim[0]["mode"]:
-            axes[1].plot(range(1, len(r["acceptance_by_depth"]) + 1), r["acceptance_by_depth"],
+            acc = list(r["acceptance_by_depth"])
+            while acc and acc[-1] == 0:  # vLLM keeps one slot per draft token, not per depth
+                acc.pop()
+            axes[1].plot(range(1, len(acc) + 1), acc,
                          "o-" if r["method"] == "bastion" else "s--",
                          label=f"{LABELS[r['method']]}, batch {r['batch_size']}")
     axes[1].set_xlabel("draft depth")
@@ -213,6 +219,13 @@ def write_outputs(results: list[dict], out: str, meta: dict) -> None:
     fig.suptitle(f"{meta['pair']} on {meta['machine']}")
     fig.tight_layout()
     fig.savefig(out + ".png", dpi=120)
+
+
+def replot(path: str) -> None:
+    """Rewrite the CSV and plots of an earlier run from its JSON."""
+    with open(path) as f:
+        d = json.load(f)
+    write_outputs(d["results"], path[: -len(".json")], d["meta"])
 
 
 def main(argv=None) -> int:
@@ -227,7 +240,11 @@ def main(argv=None) -> int:
     ap.add_argument("--drafter")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--out", default="results/bench")
+    ap.add_argument("--replot", metavar="JSON", help="only redraw the plots of an earlier run")
     args = ap.parse_args(argv)
+    if args.replot:
+        replot(args.replot)
+        return 0
 
     target, drafter = (args.target, args.drafter) if args.target else pair_paths()
     with open(os.path.join(drafter, "config.json")) as f:
@@ -265,6 +282,8 @@ def main(argv=None) -> int:
                 results.append(r)
                 print(f"    {r['tokens_per_s']:.1f} tok/s, accepted length {r['mean_accepted_length']:.2f}",
                       flush=True)
+                with open(args.out + ".partial.json", "w") as f:  # survives a later failure
+                    json.dump([{k: v for k, v in x.items() if k != "outputs"} for x in results], f)
     for r in results:
         base = {(x["mode"], x["batch_size"], x["method"]): x for x in results}
         ar = base.get((r["mode"], r["batch_size"], "ar"))
