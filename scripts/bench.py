@@ -25,14 +25,13 @@ import csv
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
+from vllm_bastion.launch import openai_server  # noqa: E402
 from vllm_bastion.demo import (  # noqa: E402
     LABELS,
     METHODS,
@@ -52,12 +51,6 @@ def humaneval_prompts(n: int) -> list[str]:
 
 
 # ------------------------------------------------------------------ server mode
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _metrics(url: str) -> dict:
@@ -90,32 +83,16 @@ def _per_pos(m: dict, name: str) -> list[float]:
 
 def run_server(method, target, drafter, prompts, *, batch_size, max_tokens, depth, enforce_eager,
                warmup_prompts, log_dir):
-    import requests
     from openai import AsyncOpenAI
 
-    port = _free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", target,
-           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048", "--seed", "0",
-           "--max-num-seqs", str(max(batch_size, 4))]
+    args = ["--max-model-len", "2048", "--seed", "0", "--max-num-seqs", str(max(batch_size, 4))]
     if enforce_eager:
-        cmd.append("--enforce-eager")
+        args.append("--enforce-eager")
     spec = speculative_config(method, drafter, depth)
     if spec:
-        cmd += ["--speculative-config", json.dumps(spec)]
-    log = open(os.path.join(log_dir, f"server_{method}_b{batch_size}.log"), "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 900
-        while True:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"server for {method} did not start; see {log.name}")
-            try:
-                if requests.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
+        args += ["--speculative-config", json.dumps(spec)]
+    log_path = os.path.join(log_dir, f"server_{method}_b{batch_size}.log")
+    with openai_server(target, args, log_path) as url:
         async def complete(client, p):
             r = await client.completions.create(
                 model=target, prompt=p, max_tokens=max_tokens, temperature=0.0,
@@ -146,13 +123,6 @@ def run_server(method, target, drafter, prompts, *, batch_size, max_tokens, dept
                 return before, outs, wall, _metrics(url)
 
         before, outs, wall, after = asyncio.run(session())
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
     drafts = _sum(after, "vllm:spec_decode_num_drafts_total") - _sum(before, "vllm:spec_decode_num_drafts_total")
     acc = _sum(after, "vllm:spec_decode_num_accepted_tokens_total") - _sum(before, "vllm:spec_decode_num_accepted_tokens_total")
     drafted = _sum(after, "vllm:spec_decode_num_draft_tokens_total") - _sum(before, "vllm:spec_decode_num_draft_tokens_total")

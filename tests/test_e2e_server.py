@@ -3,9 +3,6 @@ and no other flag: the plugin loads through its entry point in every process."""
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -13,50 +10,19 @@ import requests
 from conftest import token_ids
 
 from vllm import SamplingParams
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from vllm_bastion.launch import openai_server
 
 
 @pytest.fixture(scope="module")
 def server(tiny_pair, tmp_path_factory):
     target, drafter = tiny_pair
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     spec = {"method": "bastion", "model": drafter, "max_nodes": 8, "stats_log_interval_s": 0.5}
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", target, "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--seed", "0",
-        "--speculative-config", json.dumps(spec),
-    ]
+    args = ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--seed", "0",
+            "--speculative-config", json.dumps(spec)]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 480
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {open(log_path).read()[-3000:]}")
-        try:
-            if requests.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        raise RuntimeError(f"server did not start: {open(log_path).read()[-3000:]}")
-    yield url, target, log_path
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with openai_server(target, args, str(log_path), env=env, timeout_s=480) as url:
+        yield url, target, log_path
 
 
 def test_completions_equal_offline_reference(server, reference_llm):
