@@ -21,40 +21,14 @@ from vllm_bastion.core.cost_model import (
     load_device_prior,
     load_device_priors,
     load_profile,
-    load_profile_mape,
+    load_profile_entry,
     probe_plan,
     save_profile,
     verify_bytes,
     verify_flops,
 )
 
-QWEN3_8B = {
-    "architectures": ["Qwen3ForCausalLM"],
-    "model_type": "qwen3",
-    "hidden_size": 4096,
-    "intermediate_size": 12288,
-    "num_attention_heads": 32,
-    "num_hidden_layers": 36,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "max_position_embeddings": 40960,
-    "rms_norm_eps": 1e-06,
-    "rope_theta": 1000000,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "vocab_size": 151936,
-}
-
-LLAMA31_8B = {
-    "architectures": ["LlamaForCausalLM"],
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_attention_heads": 32,
-    "num_hidden_layers": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "torch_dtype": "bfloat16",
-}
+from hf_configs import LLAMA31_8B, QWEN3_8B
 
 TINY = {
     "architectures": ["Qwen3ForCausalLM"],
@@ -447,8 +421,8 @@ def test_profile_roundtrip(tmp_path):
     fit = fit_latency_model(_synthetic(lm, plan, 0.0, rng), sh, h100())
     save_profile(path, key, fit.model, fit)
     assert "fit" in json.loads(path.read_text())["profiles"][-1]
-    assert load_profile_mape(path, key) == pytest.approx(fit.mape)  # the cached fit keeps its error
-    assert load_profile_mape(path, other) is None  # saved without a fit
+    assert load_profile_entry(path, key)[1] == pytest.approx(fit.mape)  # the cached fit keeps its error
+    assert load_profile_entry(path, other)[1] is None  # saved without a fit
 
 
 def test_probe_plan():

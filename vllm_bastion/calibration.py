@@ -28,8 +28,7 @@ from vllm_bastion.core.cost_model import (
     ModelShape,
     fit_latency_model,
     load_device_prior,
-    load_profile,
-    load_profile_mape,
+    load_profile_entry,
     save_profile,
 )
 
@@ -173,32 +172,22 @@ def probe_drafter(runner, batch_sizes=(1, 4)) -> float:
     return float(np.median(times))
 
 
-def _profile_key(runner, shape, device_profile):
-    key = profile_key(runner, shape)
-    key["prior"] = resolve_prior(runner, device_profile).name
-    return key
-
-
-def cached_fit_error(runner, *, device_profile: str | None = None) -> float | None:
-    """The fit error (MAPE) stored with this runner's cached profile, if any."""
-    key = _profile_key(runner, model_shape(runner.vllm_config), device_profile)
-    return load_profile_mape(cache_file(), key)
-
-
 def calibrate(runner, *, device_profile: str | None = None, use_cache: bool = True,
-              progress: bool = True, log=None) -> tuple[LatencyModel, FitResult | None, str]:
+              progress: bool = True, log=None) -> tuple[LatencyModel, FitResult | None, str, float | None]:
     """The latency model for this runner: cached fit, or probe + fit + cache.
 
-    Returns (model, fit or None if loaded from cache, source description).
+    Returns (model, fit or None if loaded from cache, source description, fit
+    error (MAPE) of the probe or of the cached fit, None if unknown).
     """
     shape = model_shape(runner.vllm_config)
     prior = resolve_prior(runner, device_profile)
-    key = _profile_key(runner, shape, device_profile)
+    key = profile_key(runner, shape)
+    key["prior"] = prior.name
     path = cache_file()
     if use_cache:
-        cached = load_profile(path, key)
+        cached = load_profile_entry(path, key)
         if cached is not None:
-            return cached, None, f"cached fit from {path}"
+            return cached[0], None, f"cached fit from {path}", cached[1]
     t0 = time.perf_counter()
     samples = probe(runner, progress=progress)
     t_draft = probe_drafter(runner)
@@ -216,4 +205,4 @@ def calibrate(runner, *, device_profile: str | None = None, use_cache: bool = Tr
         except OSError as e:
             if log is not None:
                 log.warning("BASTION could not cache the calibration at %s: %s", path, e)
-    return model, fit, f"probed {len(samples)} shapes in {time.perf_counter() - t0:.1f}s"
+    return model, fit, f"probed {len(samples)} shapes in {time.perf_counter() - t0:.1f}s", fit.mape

@@ -141,7 +141,7 @@ class BastionWorkerExtension:
         """Probe and fit the latency model on this worker (the calibrate CLI)."""
         from vllm_bastion import calibration
 
-        model, fit, source = calibration.calibrate(
+        model, fit, source, _ = calibration.calibrate(
             self.model_runner, device_profile=device_profile, use_cache=not force)
         out = {"source": source, "model": model.to_dict(), "cache": str(calibration.cache_file())}
         if fit is not None:

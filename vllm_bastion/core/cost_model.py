@@ -1351,7 +1351,9 @@ def save_profile(
         raise
 
 
-def _load_profile_record(path: str | os.PathLike, key: dict[str, Any]) -> dict[str, Any] | None:
+def load_profile_entry(path: str | os.PathLike, key: dict[str, Any]) -> tuple[LatencyModel, float | None] | None:
+    """The stored model for exactly `key` and the fit error (MAPE) stored with
+    it (None if it was saved without a fit), or None (missing file or key)."""
     path = Path(path)
     if not path.exists():
         return None
@@ -1362,18 +1364,12 @@ def _load_profile_record(path: str | os.PathLike, key: dict[str, Any]) -> dict[s
     ks = _key_str(key)
     for p in data.get("profiles", []):
         if _key_str(p["key"]) == ks:
-            return p
+            mape = p.get("fit", {}).get("mape")
+            return profile_from_dict(p), (float(mape) if mape is not None else None)
     return None
 
 
 def load_profile(path: str | os.PathLike, key: dict[str, Any]) -> LatencyModel | None:
     """The stored model for exactly `key`, or None (missing file or key)."""
-    rec = _load_profile_record(path, key)
-    return profile_from_dict(rec) if rec is not None else None
-
-
-def load_profile_mape(path: str | os.PathLike, key: dict[str, Any]) -> float | None:
-    """The fit error (MAPE) stored with the profile for `key`, if any."""
-    rec = _load_profile_record(path, key)
-    mape = (rec or {}).get("fit", {}).get("mape")
-    return float(mape) if mape is not None else None
+    entry = load_profile_entry(path, key)
+    return entry[0] if entry is not None else None
