@@ -13,26 +13,8 @@ from vllm_bastion.core.budget import choose_batch_budget, plan_batch_budget, sna
 from vllm_bastion.core.cost_model import LatencyModel, ModelShape, RooflineCoeffs, load_device_prior
 from vllm_bastion.core.tree import build_best_first_trees, topk_per_depth
 
-QWEN3_8B = {
-    "architectures": ["Qwen3ForCausalLM"],
-    "hidden_size": 4096,
-    "intermediate_size": 12288,
-    "num_attention_heads": 32,
-    "num_hidden_layers": 36,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "vocab_size": 151936,
-    "torch_dtype": "bfloat16",
-}
-LLAMA31_8B = {
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_attention_heads": 32,
-    "num_hidden_layers": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "torch_dtype": "bfloat16",
-}
+from hf_configs import LLAMA31_8B, QWEN3_8B
+
 SMALL = {  # a ~0.1B dense model
     "hidden_size": 768,
     "intermediate_size": 2048,

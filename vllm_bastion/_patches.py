@@ -179,15 +179,12 @@ def _use_piecewise_cuda_graphs(args) -> None:
 def _check_device_profile(name: str) -> None:
     import os
 
-    from vllm_bastion.core.cost_model import load_device_priors
+    from vllm_bastion.core.cost_model import load_device_prior, load_device_priors
 
     if os.path.isfile(name):
         return
-    priors = load_device_priors()
-    from vllm_bastion.core.cost_model import load_device_prior
-
     if load_device_prior(name).fallback and "cpu" not in name.lower():
-        known = sorted(p.name for p in priors)
+        known = sorted(p.name for p in load_device_priors())
         raise BastionConfigError(
             f"device_profile {name!r} is neither a file nor a known device; known "
             f"devices: {known} (or pass a path to a roofline prior JSON)."

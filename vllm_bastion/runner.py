@@ -75,6 +75,11 @@ class _Step:
         self.computed = computed  # [B] context each request attends to
 
 
+def _ema(prev: float | None, x: float, a: float = 0.1) -> float:
+    """Exponential moving average (the first sample starts it)."""
+    return x if prev is None else (1 - a) * prev + a * x
+
+
 class _Budget:
     """The 'auto' budget: calibrated latency model, online refit, timings."""
 
@@ -84,15 +89,13 @@ class _Budget:
         self.fit_error: float | None = None  # calibration MAPE
         self.err_ema: float | None = None  # online |predicted - measured| / measured
         self.t_fix: float | None = None  # seconds per step outside the verify forward
-        self.gap_ema: float | None = None
+        self.gap_ema: float | None = None  # host time between steps (scheduler, IPC)
         self.last_end: float | None = None
-        self.sample_time = 0.0
         self.planned_steps = 0
         self.planned_nodes = 0
 
     def observe_fixed(self, seconds: float) -> None:
-        a = 0.1
-        self.t_fix = seconds if self.t_fix is None else (1 - a) * self.t_fix + a * seconds
+        self.t_fix = _ema(self.t_fix, seconds)
 
     def summary(self) -> dict:
         out = {"source": self.source, "calibration_mape": self.fit_error,
@@ -125,7 +128,6 @@ class BastionRunnerMixin:
             AcceptanceCalibrator(cfg.draft_depth) if cfg.acceptance_calibration else None
         )
         self.bastion_stats.acceptance = self.bastion_acceptance
-        self._bastion_shape = None  # (scheduled, computed) of the last step
         if hasattr(self, "drafter"):
             self.drafter = BastionProposer(
                 self.vllm_config, self.device, self,
@@ -272,8 +274,7 @@ class BastionRunnerMixin:
             if budget.last_end is not None:
                 gap = t0 - budget.last_end  # scheduler, IPC, output processing
                 if gap < 0.25:  # idle engines are not overhead
-                    a = 0.1
-                    budget.gap_ema = gap if budget.gap_ema is None else (1 - a) * budget.gap_ema + a * gap
+                    budget.gap_ema = _ema(budget.gap_ema, gap)
         return out
 
     def sample_tokens(self, grammar_output):
@@ -298,10 +299,8 @@ class BastionRunnerMixin:
         cfg = self.bastion_config
         budget = self._bastion_budget
         if cfg.calibrate:
-            model, fit, source = calibration.calibrate(
+            model, _, source, budget.fit_error = calibration.calibrate(
                 self, device_profile=cfg.device_profile, log=logger)
-            budget.fit_error = (fit.mape if fit is not None else calibration.cached_fit_error(
-                self, device_profile=cfg.device_profile))
         else:
             shape = calibration.model_shape(self.vllm_config)
             prior = calibration.resolve_prior(self, cfg.device_profile)
@@ -320,9 +319,7 @@ class BastionRunnerMixin:
         if budget.refit is None or not len(scheduled):
             return
         pred = budget.refit.model.step_time(scheduled, computed)
-        err = abs(pred - seconds) / max(seconds, 1e-9)
-        a = 0.1
-        budget.err_ema = err if budget.err_ema is None else (1 - a) * budget.err_ema + a * err
+        budget.err_ema = _ema(budget.err_ema, abs(pred - seconds) / max(seconds, 1e-9))
         if self.bastion_config.online_refit:
             budget.refit.update(scheduled, computed, seconds)
 

@@ -222,7 +222,6 @@ def build_best_first_trees(
         rank_off = (torch.arange(K, device=device) > 0).long()  # a non-top-1 choice
         b_idx = torch.arange(B, device=device)[:, None, None]
         k_idx = torch.arange(K, device=device)[None, None, :]
-    level_class: list[torch.Tensor] = []
     if M > 0 and D > 0 and K > 0:
         prev = torch.zeros(B, 1, device=device)  # the root
         prev_cls = torch.zeros(B, 1, dtype=torch.long, device=device)
@@ -244,7 +243,6 @@ def build_best_first_trees(
             rk = idx % K
             if class_values is not None:
                 prev_cls = (prev_cls.gather(1, slot) + (rk > 0).long()).clamp(max=C - 1)
-                level_class.append(prev_cls)
             level_scores.append(sc)
             level_parent_slot.append(slot if d > 0 else torch.full_like(slot, -1))
             level_tokens.append(toks[:, d, :].gather(1, rk))
@@ -337,18 +335,6 @@ def _empty_trees(B: int, device: torch.device | str) -> TreeBatch:
         num_nodes=torch.zeros(B, dtype=torch.long, device=device),
         node_logq=torch.full((B, 1), NEG_INF, device=device),
     )
-
-
-def gather_node_values(trees: TreeBatch, per_depth: torch.Tensor) -> torch.Tensor:
-    """[B, D, K] per-depth values (e.g. raw drafter log-probs) -> [B, W] the
-    value of every tree node (by its depth and rank); -inf for root/padding."""
-    B, W = trees.tokens.shape
-    D = per_depth.shape[1]
-    d = (trees.depths - 1).clamp(0, D - 1)
-    r = trees.ranks.clamp(min=0)
-    vals = per_depth.float()[torch.arange(B, device=d.device)[:, None], d, r]
-    ok = trees.valid_mask() & (trees.depths >= 1)
-    return torch.where(ok, vals, torch.full_like(vals, NEG_INF))
 
 
 def path_classes(trees: TreeBatch, cap: int) -> torch.Tensor:
