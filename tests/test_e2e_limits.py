@@ -55,4 +55,6 @@ def test_prompts_near_max_model_len(tight_llm, reference_llm):
     for o in outs:  # every request ran to the very end of the context
         assert len(o.prompt_token_ids) + len(o.outputs[0].token_ids) == MAX_LEN
     after = spec_metrics(tight_llm)
-    assert after.get("vllm:spec_decode_num_drafts", 0) >= before.get("vllm:spec_decode_num_drafts", 0)
+    # trees were still verified where there was room for them (the check above
+    # shows none ran past max_model_len)
+    assert after.get("vllm:spec_decode_num_drafts", 0) > before.get("vllm:spec_decode_num_drafts", 0)
