@@ -12,7 +12,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["vllm_bastion", "vllm_bastion.core", "vllm_bastion.kernels", "vllm_bastion.configs"],
+    packages=["vllm_bastion", "vllm_bastion.core", "vllm_bastion.tools", "vllm_bastion.kernels", "vllm_bastion.configs"],
     # kernels/ is installed as vllm_bastion.kernels so it cannot clash with the
     # PyPI package called `kernels`; configs/ (roofline priors, example
     # speculative configs) ships as vllm_bastion.configs.

@@ -38,7 +38,7 @@ from vllm_bastion.core.tree import build_best_first_trees  # noqa: E402
 
 
 def latency_model(device: str) -> tuple[LatencyModel, str]:
-    from vllm_bastion.training import default_pair_paths
+    from vllm_bastion.tools.training import default_pair_paths
 
     target, _ = default_pair_paths()
     with open(os.path.join(target, "config.json")) as f:

@@ -87,7 +87,7 @@ def main() -> int:
     ap.add_argument("--skip-train", action="store_true", help="only run --vllm-check on an existing pair")
     args = ap.parse_args()
 
-    from vllm_bastion import training as T
+    from vllm_bastion.tools import training as T
 
     t0 = time.time()
     out = os.path.abspath(args.out)

@@ -19,7 +19,7 @@ from conftest import bastion_spec, make_llm, token_ids
 from prompts import mixed_prompts
 
 from vllm import SamplingParams
-from vllm_bastion.testing import install_second_choice_oracle
+from vllm_bastion.tools.oracle import install_second_choice_oracle
 
 MAX_NODES = 24
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)

@@ -13,7 +13,7 @@ from prompts import mixed_prompts
 
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
-from vllm_bastion.testing import install_second_choice_oracle, remove_oracle
+from vllm_bastion.tools.oracle import install_second_choice_oracle, remove_oracle
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 

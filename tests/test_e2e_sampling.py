@@ -12,7 +12,7 @@ from conftest import bastion_spec, make_llm, token_ids
 from prompts import mixed_prompts
 
 from vllm import SamplingParams
-from vllm_bastion.testing import install_second_choice_oracle, remove_oracle
+from vllm_bastion.tools.oracle import install_second_choice_oracle, remove_oracle
 
 
 @pytest.fixture(scope="module")

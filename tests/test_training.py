@@ -1,4 +1,4 @@
-"""Tests of vllm_bastion.training: DFlash masks/blocks/loss, checkpoint format, the drafter
+"""Tests of vllm_bastion.tools.training: DFlash masks/blocks/loss, checkpoint format, the drafter
 forward against an independent per-block reference written like vLLM's qwen3_dflash.py, and
 (one ~1.5 min test) the real test pair end to end (offline; vLLM is not started here)."""
 
@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from vllm_bastion import training as T
+from vllm_bastion.tools import training as T
 
 
 # ---------------------------------------------------------------- loss weights / anchors

@@ -26,7 +26,7 @@ LABELS = {"ar": "autoregressive", "dflash": "vLLM DFlash chain", "bastion": "BAS
 
 
 def pair_paths() -> tuple[str, str]:
-    from vllm_bastion.training import default_pair_paths
+    from vllm_bastion.tools.training import default_pair_paths
 
     target, drafter = default_pair_paths()
     for p in (target, drafter):
@@ -47,7 +47,7 @@ def load_prompts(target: str, n: int) -> list[str]:
     else:
         from transformers import AutoTokenizer
 
-        from vllm_bastion.training import heldout_prompts
+        from vllm_bastion.tools.training import heldout_prompts
 
         items = heldout_prompts(AutoTokenizer.from_pretrained(target), n=n)
     texts = [it["text"] if isinstance(it, dict) else it for it in items]

@@ -1040,7 +1040,7 @@ def build_test_pair(out_dir: str, *, seed: int = 0, log: Log = _print) -> dict[s
 
 def default_pair_dir() -> str:
     """Folder of the shipped pair: ``<package>/assets/pair`` with ``target/`` and ``drafter/``."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "pair")
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "pair")
 
 
 def default_pair_paths() -> tuple[str, str]:
