@@ -3,8 +3,11 @@
 In one verify step the target model processes a flattened batch of T rows.
 A *tree request* r owns rows [row_start[r], row_start[r] + 1 + num_nodes[r]):
 its root (tree column 0, the last verified token) and then its draft nodes
-(tree columns 1..n) in best-first order, so every node's parent has a smaller
-column. This module computes attention for the node rows only:
+(tree columns 1..n) in an order where every node's parent has a smaller
+column (BASTION sends them spine first, see vllm_bastion/core/step.py). This
+module computes attention for the node rows only, optionally starting at
+column first_col[r] (the columns before it, a causal spine, are the
+attention backend's):
 
     node column i (1 <= i <= n) of request r attends to
       * every cached prefix token p < prefix_len[r], read from the paged cache
@@ -13,7 +16,7 @@ column. This module computes attention for the node rows only:
         (the ancestors of i, the root and i itself), read from the step's
         dense k/v rows row_start[r] + j.
 
-and writes out[row_start[r] + i] for i = 1..n. Nothing else in `out` is
+and writes out[row_start[r] + i] for i = first_col[r]..n (default 1..n). Nothing else in `out` is
 touched: root rows, prefill chunks, plain decodes and padding keep whatever
 the backend wrote there.
 
@@ -163,6 +166,7 @@ def tree_attention_reference(
     k_scale=1.0,
     v_scale=1.0,
     max_nodes: int | None = None,
+    first_col: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pure-torch tree attention (float32 math); writes the node rows of `out`
     in place and returns `out`. Same semantics as `tree_attention` (see the
@@ -184,6 +188,7 @@ def tree_attention_reference(
     row_start_l = row_start.tolist()
     num_nodes_l = num_nodes.tolist()
     prefix_l = prefix_len.tolist()
+    first_l = [1] * R if first_col is None else first_col.tolist()
     for r in range(R):
         n = min(int(num_nodes_l[r]), max_nodes)
         if n <= 0:
@@ -196,11 +201,14 @@ def tree_attention_reference(
         vp = v_cache[blk, off].float() * vs
         vis = unpack_ancestor_bits(anc_bits[r, 1 : n + 1], n + 1).to(q.device)  # [n, n+1]
         vis &= torch.ones(n, n + 1, dtype=torch.bool, device=q.device).tril(1)
+        f = max(1, int(first_l[r]))
+        if f > n:
+            continue
         o = _core_tree_attention(
-            q[rs + 1 : rs + 1 + n], kp.to(q.device), vp.to(q.device),
-            k[rs : rs + n + 1].float(), v[rs : rs + n + 1].float(), vis, scale,
+            q[rs + f : rs + 1 + n], kp.to(q.device), vp.to(q.device),
+            k[rs : rs + n + 1].float(), v[rs : rs + n + 1].float(), vis[f - 1 :], scale,
         )
-        out[rs + 1 : rs + 1 + n] = o.to(out.dtype)
+        out[rs + f : rs + 1 + n] = o.to(out.dtype)
     return out
 
 
@@ -223,7 +231,7 @@ if HAS_TRITON:
     @triton.jit
     def _tree_attn_fwd(
         q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, bt_ptr,
-        tree_req_ptr, row_start_ptr, num_nodes_ptr, prefix_len_ptr, anc_ptr,
+        tree_req_ptr, row_start_ptr, num_nodes_ptr, prefix_len_ptr, anc_ptr, first_col_ptr,
         out_ptr, ws_o_ptr, ws_ml_ptr,
         k_scale, v_scale, qk_scale,
         num_tree_reqs, max_nodes, num_qblocks,
@@ -234,7 +242,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
         PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
         KV_FP8: tl.constexpr, SCALE_IS_PTR: tl.constexpr, DOT_PREC: tl.constexpr,
-        UPCAST_DOT: tl.constexpr,
+        UPCAST_DOT: tl.constexpr, HAS_FIRST: tl.constexpr,
     ):
         # grid: (tree request x node block, kv head, prefix split)
         pid = tl.program_id(0)
@@ -246,6 +254,12 @@ if HAS_TRITON:
         i0 = qb * BLOCK_Q
         if i0 >= n:
             return
+        if HAS_FIRST:  # nodes before first_col - 1 (the spine) are not computed
+            n0 = tl.load(first_col_ptr + r).to(tl.int32) - 1
+        else:
+            n0 = 0
+        if i0 + BLOCK_Q <= n0:
+            return
         req = tl.load(tree_req_ptr + r).to(tl.int64)
         rs = tl.load(row_start_ptr + r).to(tl.int64)
         plen = tl.load(prefix_len_ptr + r)
@@ -255,7 +269,7 @@ if HAS_TRITON:
         node_local = offs_m // G
         head = kvh * G + offs_m % G
         node = i0 + node_local
-        row_ok = (node_local < BLOCK_Q) & (node < n)
+        row_ok = (node_local < BLOCK_Q) & (node < n) & (node >= n0)
         col = node + 1  # tree column of the query row
         qrow = rs + col
         offs_d = tl.arange(0, D_PAD)
@@ -375,10 +389,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _tree_attn_combine(
-        out_ptr, ws_o_ptr, ws_ml_ptr, row_start_ptr, num_nodes_ptr,
+        out_ptr, ws_o_ptr, ws_ml_ptr, row_start_ptr, num_nodes_ptr, first_col_ptr,
         num_tree_reqs, max_nodes, so_t, so_h, so_d,
         HQ: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, HAS_FIRST: tl.constexpr,
     ):
         # grid: (tree request x node, query head)
         pid = tl.program_id(0)
@@ -387,6 +401,12 @@ if HAS_TRITON:
         node = pid % max_nodes
         n = tl.load(num_nodes_ptr + r)
         if node >= n:
+            return
+        if HAS_FIRST:
+            n0 = tl.load(first_col_ptr + r).to(tl.int32) - 1
+        else:
+            n0 = 0
+        if node < n0:
             return
         rs = tl.load(row_start_ptr + r).to(tl.int64)
         offs_s = tl.arange(0, S_PAD)
@@ -496,6 +516,7 @@ def tree_attention(
     tile_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    first_col: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton tree attention: writes the node rows of `out` in place (one
     launch, or two with num_splits > 1) and returns `out`.
@@ -510,6 +531,9 @@ def tree_attention(
       workspace: `tree_attention_workspace(num_splits, R, max_nodes, Hq, D)`
         (only read when num_splits > 1).
       block_m / tile_n / num_warps / num_stages: tuning overrides.
+      first_col: optional [R] int, the first tree column to compute per
+        request (columns 1..first_col-1, e.g. a spine the attention backend
+        already computed causally, are left untouched). Default 1.
     """
     if not HAS_TRITON:
         raise RuntimeError("tree_attention needs Triton; use tree_attention_reference")
@@ -571,6 +595,7 @@ def tree_attention(
     _tree_attn_fwd[grid](
         q, k, v, k_cache, v_cache, block_table,
         tree_req, row_start, num_nodes, prefix_len, anc_bits,
+        first_col if first_col is not None else num_nodes,
         out, ws_o, ws_ml,
         k_scale if scale_is_ptr else float(k_scale),
         v_scale if scale_is_ptr else float(v_scale),
@@ -584,14 +609,17 @@ def tree_attention(
         PAGE=k_cache.shape[1], NUM_SPLITS=num_splits,
         KV_FP8=fp8, SCALE_IS_PTR=scale_is_ptr, DOT_PREC=dot_prec,
         UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+        HAS_FIRST=first_col is not None,
         **extra,
     )
     if num_splits > 1:
         _tree_attn_combine[(R * max_nodes, Hq)](
             out, ws_o, ws_ml, row_start, num_nodes,
+            first_col if first_col is not None else num_nodes,
             R, max_nodes, *out.stride(),
             HQ=Hq, HEAD_DIM=D, D_PAD=_next_pow2(D),
             NUM_SPLITS=num_splits, S_PAD=max(2, _next_pow2(num_splits)),
+            HAS_FIRST=first_col is not None,
             num_warps=4,
         )
     return out

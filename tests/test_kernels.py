@@ -448,6 +448,28 @@ def test_tree_attention_kernel_random(seed):
 
 
 @needs_kernels
+@pytest.mark.parametrize("splits", [1, 3])
+def test_tree_attention_kernel_first_col(splits):
+    """Only columns >= first_col are computed (the spine before them is the
+    attention backend's); earlier node rows keep the poison."""
+    rng = random.Random(7 + splits)
+    b = make_batch(MIXED, hkv=2, g=2, d=32, dtype=torch.float32, seed=5 + splits)
+    first = torch.tensor([rng.randrange(1, rq["n"] + 2) for rq in b.trees], dtype=torch.int64,
+                         device=b.q.device)
+    kw = dict(first_col=first)
+    ref = call(ta.tree_attention_reference, b, poisoned_out(b, torch.float32), **kw)
+    out = call(ta.tree_attention, b, poisoned_out(b, torch.float32), num_splits=splits, **kw)
+    rows = torch.zeros(b.T, dtype=torch.bool)
+    for rq, f in zip(b.trees, first.tolist()):
+        rows[rq["start"] + f : rq["start"] + 1 + rq["n"]] = True
+    assert rows.sum() < node_rows(b).sum()
+    assert torch.isnan(out[~rows.to(out.device)]).all() and torch.isnan(ref[~rows.to(ref.device)]).all()
+    torch.testing.assert_close(out[rows], ref[rows], **TOL[torch.float32])
+    full = call(ta.tree_attention_reference, b, poisoned_out(b, torch.float32))
+    torch.testing.assert_close(ref[rows], full[rows], atol=1e-6, rtol=1e-6)
+
+
+@needs_kernels
 def test_tree_attention_kernel_fp8_float_scales_and_max_nodes():
     b = make_batch([("tree", 9, 20), ("decode", 4), ("tree", 4, 0)], hkv=1, g=2, d=32,
                    dtype=torch.float32, cache_dtype=torch.float8_e4m3fn, seed=5)

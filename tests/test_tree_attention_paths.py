@@ -5,12 +5,14 @@
   the backend wrote, for bf16 and fp32;
 * the batched torch path the engine runs on CPU equals the kernels' torch
   reference (and therefore the Triton kernel's tests) on random paged inputs,
-  leaving every non-node row untouched.
+  for all node rows or only the branch rows after a spine (first_col),
+  leaving every other row untouched.
 """
 
 import pytest
 import torch
 
+from vllm_bastion.core.step import spine_first
 from vllm_bastion.core.tree import ancestor_mask, build_best_first_trees, topk_per_depth
 from vllm_bastion.kernels import pack_ancestor_bits, tree_attention_reference
 from vllm_bastion.kv_layout import KVLayoutError, _probe
@@ -59,18 +61,25 @@ def test_probe_refuses_a_layout_it_cannot_decode():
         _probe(Lossy(), None, torch.zeros(7, 2, 32, 128), 32, 7)
 
 
-def test_batched_torch_path_equals_kernel_reference():
+@pytest.mark.parametrize("spine_first_layout", [False, True])
+def test_batched_torch_path_equals_kernel_reference(spine_first_layout):
     torch.manual_seed(0)
     T, Hq, Hkv, D, bs, nb = 70, 4, 2, 32, 16, 20
     logp, tok = topk_per_depth(torch.randn(3, 5, 50), 3)
     trees = build_best_first_trees(logp, tok, max_nodes=9, num_nodes=torch.tensor([9, 4, 7]))
+    first = torch.ones(3, dtype=torch.long)
+    if spine_first_layout:  # the backend computes the spine; only branch rows here
+        trees, spine = spine_first(trees)
+        first = 1 + spine
     bits = pack_ancestor_bits(ancestor_mask(trees))
     q, k, v = torch.randn(T, Hq, D), torch.randn(T, Hkv, D), torch.randn(T, Hkv, D)
     kc, vc = torch.randn(nb, bs, Hkv, D), torch.randn(nb, bs, Hkv, D)
     block_table = torch.randperm(nb).view(4, 5).int()
     step = TreeAttentionStep(
+        backend_rows=torch.zeros(0, dtype=torch.long), backend_metadata=None,
         tree_req=torch.tensor([0, 2, 3], dtype=torch.int32),
         row_start=torch.tensor([0, 25, 50], dtype=torch.int32),  # rows 10..24 etc: other requests
+        first_col=first,
         num_nodes=trees.num_nodes.int(), prefix_len=torch.tensor([30, 0, 77], dtype=torch.int32),
         anc_bits=bits, max_nodes=9, block_size=bs, num_blocks=nb,
     )
@@ -78,8 +87,11 @@ def test_batched_torch_path_equals_kernel_reference():
     want = got.clone()
     step.torch_plan(block_table).run(q, k, v, kc, vc, got, 0.2)
     tree_attention_reference(q, k, v, kc, vc, block_table, step.tree_req, step.row_start,
-                             step.num_nodes, step.prefix_len, bits, 0.2, want, max_nodes=9)
+                             step.num_nodes, step.prefix_len, bits, 0.2, want, max_nodes=9,
+                             first_col=first)
     written = ~torch.isnan(want[:, 0, 0])
-    assert written.sum() == 9 + 4 + 7  # node rows only
+    assert written.sum() == int((trees.num_nodes + 1 - first).sum())  # branch rows only
+    if spine_first_layout:
+        assert written.sum() < 9 + 4 + 7
     assert torch.equal(~torch.isnan(got[:, 0, 0]), written)
     torch.testing.assert_close(got[written], want[written], rtol=1e-5, atol=1e-5)

@@ -29,15 +29,16 @@ import functools
 from typing import Any
 
 from vllm_bastion.config import (
+    BASTION_ATTR,
     BastionConfig,
     BastionConfigError,
+    bastion_config_of,
     check_drafter_matches_target,
     check_target_supported,
     read_drafter_config,
 )
 
 SUPPORTED_VLLM_MINOR = "0.32."
-BASTION_ATTR = "bastion_config"
 WORKER_EXTENSION = "vllm_bastion.stats.BastionWorkerExtension"
 _APPLIED = False
 
@@ -53,21 +54,6 @@ def version_supported() -> bool:
 
 
 # ----------------------------------------------------------------- markers
-
-
-def bastion_config_of(config: Any) -> BastionConfig | None:
-    """The resolved BASTION config of a VllmConfig or SpeculativeConfig, or None."""
-    spec = getattr(config, "speculative_config", config)
-    if spec is None:
-        return None
-    draft = getattr(spec, "draft_model_config", None)
-    hf = getattr(draft, "hf_config", None) if draft is not None else None
-    raw = getattr(hf, BASTION_ATTR, None) if hf is not None else None
-    if raw is None:
-        return None
-    if isinstance(raw, BastionConfig):
-        return raw
-    return BastionConfig(**raw)
 
 
 def _is_bastion_request(raw: dict | None, spec_method: str | None) -> bool:

@@ -206,3 +206,60 @@ def calibrate(runner, *, device_profile: str | None = None, use_cache: bool = Tr
             if log is not None:
                 log.warning("BASTION could not cache the calibration at %s: %s", path, e)
     return model, fit, f"probed {len(samples)} shapes in {time.perf_counter() - t0:.1f}s", fit.mape
+
+
+def _tp_group():
+    try:
+        from vllm.distributed import get_tp_group
+
+        group = get_tp_group()
+    except Exception:  # noqa: BLE001 - no distributed state: single process
+        return None
+    return group if group.world_size > 1 else None
+
+
+def startup_model(runner, *, calibrate: bool, device_profile: str | None, log=None
+                  ) -> tuple[LatencyModel, str, float | None]:
+    """The latency model the engine starts with, made once and shared.
+
+    With `calibrate`, the cached fit (read by TP rank 0) or a probe (every rank
+    runs the target forward in lockstep, rank 0 fits and caches); otherwise
+    the datasheet roofline. With tensor parallelism rank 0's model is
+    broadcast, so every rank plans with the same model.
+    """
+    group = _tp_group()
+    rank0 = group is None or group.rank_in_group == 0
+
+    def share(obj):
+        return obj if group is None else group.broadcast_object(obj, src=0)
+
+    if not calibrate:
+        shape = model_shape(runner.vllm_config)
+        prior = resolve_prior(runner, device_profile)
+        model = LatencyModel.from_prior(shape, prior, t_fix=probe_drafter(runner))
+        model = share(model.to_dict() if rank0 else None)
+        return LatencyModel.from_dict(model), f"uncalibrated prior {prior.name}", None
+    shape = model_shape(runner.vllm_config)
+    prior = resolve_prior(runner, device_profile)
+    key = profile_key(runner, shape)
+    key["prior"] = prior.name
+    path = cache_file()
+    cached = load_profile_entry(path, key) if rank0 else None
+    cached = share(None if cached is None else (cached[0].to_dict(), cached[1]))
+    if cached is not None:
+        return LatencyModel.from_dict(cached[0]), f"cached fit from {path}", cached[1]
+    t0 = time.perf_counter()
+    samples = probe(runner, progress=rank0)
+    t_draft = probe_drafter(runner)
+    out = None
+    if rank0:
+        fit = fit_latency_model(samples, shape, prior, t_fix=t_draft)
+        try:
+            save_profile(path, key, fit.model, fit)
+        except OSError as e:
+            if log is not None:
+                log.warning("BASTION could not cache the calibration at %s: %s", path, e)
+        out = (fit.model.to_dict(), fit.mape)
+    model_d, mape = share(out)
+    return (LatencyModel.from_dict(model_d),
+            f"probed {len(samples)} shapes in {time.perf_counter() - t0:.1f}s", mape)

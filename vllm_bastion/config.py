@@ -44,6 +44,9 @@ REFUSED_VLLM_KEYS = {
 }
 
 
+BASTION_ATTR = "bastion_config"  # the resolved config rides on the drafter's HF config
+
+
 class BastionConfigError(ValueError):
     """A bad BASTION speculative config; the message names the problem and the fix."""
 
@@ -321,3 +324,18 @@ def check_target_supported(target: dict[str, Any]) -> None:
             "BASTION's tree attention does not support sliding-window targets yet; "
             "use a full-attention target."
         )
+
+
+def bastion_config_of(config: Any) -> BastionConfig | None:
+    """The resolved BASTION config of a VllmConfig or SpeculativeConfig, or None."""
+    spec = getattr(config, "speculative_config", config)
+    if spec is None:
+        return None
+    draft = getattr(spec, "draft_model_config", None)
+    hf = getattr(draft, "hf_config", None) if draft is not None else None
+    raw = getattr(hf, BASTION_ATTR, None) if hf is not None else None
+    if raw is None:
+        return None
+    if isinstance(raw, BastionConfig):
+        return raw
+    return BastionConfig(**raw)

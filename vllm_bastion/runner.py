@@ -1,19 +1,27 @@
-"""BASTION on vLLM's V1 model runner (CPU, and GPU with VLLM_USE_V2_MODEL_RUNNER=0).
+"""BASTION's hooks on vLLM's V1 model runner (CPU, and GPU with VLLM_USE_V2_MODEL_RUNNER=0).
 
-One decoding step for a request that has a draft tree:
+The step itself is engine-agnostic and lives in vllm_bastion/core (step.py:
+layout, plan, walk, compaction plan; budget.py; tree.py). These hooks only
+move data between vLLM and the core:
 
-  scheduler       schedules the root (last verified token) + the tree's nodes,
-                  flattened in best-first order, as ordinary spec tokens
-  _prepare_inputs rows keep their sequential KV slots; positions of node rows
-                  are rewritten to root + depth; the step's trees and ancestor
-                  masks are attached to the target's attention metadata
-  forward         target layers run tree attention for node rows
-  _sample         the target's token at every row (its own sampling), then the
-                  acceptance walk; the accepted path's KV and activations are
-                  moved so the path is contiguous, as if a chain had been verified
-  propose         vLLM's DFlash drafter (block 1 + D) keeps top-k per depth;
-                  the next trees are built best-first and handed to the
-                  scheduler as spec tokens
+  _prepare_inputs   the scheduler scheduled, per request, a prefix of the
+                    nodes BASTION sent last step (spine first, see
+                    core/step.py): take the matching pending trees, plan the
+                    step, rewrite the RoPE positions of branch rows
+  _build_attention_metadata
+                    attach the step's tree attention (branch rows, their
+                    ancestor masks, the backend's metadata for all other
+                    rows) to the target layers' metadata
+  forward           the backend computes every row but the branch rows
+                    (their K/V are written as usual); tree attention
+                    computes the branch rows (vllm_bastion/tree_attention.py)
+  _sample           the target's token at every tree row (its own sampling),
+                    the acceptance walk, and the compaction of accepted
+                    paths (KV of all target layers + the drafter's inputs)
+  propose_draft_token_ids
+                    vLLM's DFlash drafter (top-k per depth), best-first trees,
+                    the batch budget, spine-first layout; node lists to the
+                    scheduler as spec tokens
 
 Everything downstream of `_sample` (scheduler accounting, prefix caching, the
 drafter's context, spec-decode metrics) sees a chain of accepted tokens and is
@@ -21,8 +29,6 @@ vLLM's own, unchanged.
 """
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import torch
@@ -32,21 +38,22 @@ from vllm.v1.outputs import SamplerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner, _torch_cuda_wrapper
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from vllm_bastion._patches import bastion_config_of
+from vllm_bastion.config import bastion_config_of
 from vllm_bastion.core.acceptance import NUM_CLASSES, AcceptanceCalibrator
-from vllm_bastion.core.budget import plan_batch_budget
-from vllm_bastion.core.compaction import compaction_pairs, permute_rows_
-from vllm_bastion.core.cost_model import OnlineRefit
-from vllm_bastion.core.tree import (
-    TreeBatch,
-    ancestor_mask,
-    build_best_first_trees,
-    chain_tree,
-    path_classes,
+from vllm_bastion.core.compaction import permute_rows_
+from vllm_bastion.core.step import (
+    StepPlan,
+    finish_step,
+    plan_step,
+    replace_rows,
+    sampled_row_depths,
+    spine_first,
 )
-from vllm_bastion.core.walk import accept_walk
+from vllm_bastion.core.tree import TreeBatch, build_best_first_trees, chain_tree, path_classes
+from vllm_bastion.engine_budget import EngineBudget, now
 from vllm_bastion.kernels import HAS_TRITON, compact_kv, compact_kv_reference, pack_ancestor_bits
 from vllm_bastion.proposer import BastionProposer
+from vllm_bastion.request_table import RequestTable
 from vllm_bastion.sampling import target_tokens
 from vllm_bastion.stats import StatsLogger
 from vllm_bastion import tree_attention as _tree_attention
@@ -54,58 +61,15 @@ from vllm_bastion.tree_attention import (
     METADATA_ATTR,
     TreeAttentionStep,
     install_tree_attention,
-    paged_kv_views,
+    kv_cache_views,
 )
 
 logger = init_logger("vllm.bastion")
 
 
-class _Step:
-    """Host-side description of the trees verified in this step."""
-
-    def __init__(self, trees: TreeBatch, row_starts: np.ndarray, root_pos: np.ndarray,
-                 rows_per_req: np.ndarray, attn: TreeAttentionStep | None,
-                 scheduled: np.ndarray, computed: np.ndarray):
-        self.trees = trees  # [B, W], one row per request in the batch
-        self.row_starts = row_starts  # [B]
-        self.root_pos = root_pos  # [B] position of the sampled row 0
-        self.rows_per_req = rows_per_req  # [B] logits rows (1 + nodes)
-        self.attn = attn
-        self.scheduled = scheduled  # [B] tokens each request feeds (latency model)
-        self.computed = computed  # [B] context each request attends to
-
-
-def _ema(prev: float | None, x: float, a: float = 0.1) -> float:
-    """Exponential moving average (the first sample starts it)."""
-    return x if prev is None else (1 - a) * prev + a * x
-
-
-class _Budget:
-    """The 'auto' budget: calibrated latency model, online refit, timings."""
-
-    def __init__(self):
-        self.refit: OnlineRefit | None = None
-        self.source = ""
-        self.fit_error: float | None = None  # calibration MAPE
-        self.err_ema: float | None = None  # online |predicted - measured| / measured
-        self.t_fix: float | None = None  # seconds per step outside the verify forward
-        self.gap_ema: float | None = None  # host time between steps (scheduler, IPC)
-        self.last_end: float | None = None
-        self.planned_steps = 0
-        self.planned_nodes = 0
-
-    def observe_fixed(self, seconds: float) -> None:
-        self.t_fix = _ema(self.t_fix, seconds)
-
-    def summary(self) -> dict:
-        out = {"source": self.source, "calibration_mape": self.fit_error,
-               "refit_rel_error": self.err_ema, "t_fix_s": self.t_fix,
-               "mean_planned_nodes": self.planned_nodes / max(self.planned_steps, 1)}
-        if self.refit is not None:
-            m = self.refit.model
-            out.update(a_c=m.coeffs.a_c, b_c=m.coeffs.b_c, a_m=m.coeffs.a_m, b_m=m.coeffs.b_m,
-                       peak_flops=m.peak_flops, bandwidth=m.bandwidth, device=m.device_name)
-        return out
+class BastionTreeMismatch(RuntimeError):
+    """The scheduled drafts are not the tree this worker built (e.g. TP ranks
+    disagree): verifying anything else would silently lose acceptance."""
 
 
 class BastionRunnerMixin:
@@ -116,18 +80,21 @@ class BastionRunnerMixin:
         assert cfg is not None
         self.bastion_config = cfg
         self.bastion_stats = StatsLogger(cfg.stats_log_interval_s, _stats_file(self.vllm_config))
-        # trees proposed last step: (TreeBatch of the batch, {req_id: row})
-        self._bastion_pending: tuple[TreeBatch, dict[str, int]] | None = None
-        self._bastion_step: _Step | None = None
+        # trees sent to the scheduler last step (layout order) and their rows' req ids
+        self._bastion_pending: tuple[TreeBatch, list[str]] | None = None
+        self._bastion_plan: StepPlan | None = None
         self._bastion_attach = False
         self._bastion_layers: list[str] = []
+        self._bastion_kv_views: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._bastion_exec = None  # (aux_hidden_states, slot_mappings) of the step
-        self._bastion_budget = _Budget() if cfg.budget == "auto" else None
+        self._bastion_verify_t0 = 0.0
+        self._bastion_budget = EngineBudget(cfg) if cfg.budget == "auto" else None
         self.bastion_stats.budget = self._bastion_budget
         self.bastion_acceptance = (
             AcceptanceCalibrator(cfg.draft_depth) if cfg.acceptance_calibration else None
         )
         self.bastion_stats.acceptance = self.bastion_acceptance
+        self.bastion_table = RequestTable(self.max_num_reqs)
         if hasattr(self, "drafter"):
             self.drafter = BastionProposer(
                 self.vllm_config, self.device, self,
@@ -139,94 +106,117 @@ class BastionRunnerMixin:
             cfg.model, cfg.draft_depth, min(cfg.topk, cfg.max_nodes), cfg.max_nodes, cfg.budget,
         )
 
-    # ------------------------------------------------------------ load
+    # ------------------------------------------------------------ start-up
 
     def load_model(self, *args, **kwargs):
         super().load_model(*args, **kwargs)
         self._bastion_layers = install_tree_attention(self.get_model())
         logger.info("BASTION tree attention on %d target layers", len(self._bastion_layers))
 
+    def initialize_kv_cache(self, *args, **kwargs):
+        out = super().initialize_kv_cache(*args, **kwargs)
+        self._bastion_kv_views = None
+        if not kwargs.get("is_profiling", False) and self._bastion_budget is not None:
+            # calibrate at start-up (cached per device/model/...), not on the
+            # first request; every TP rank probes in lockstep
+            self._bastion_calibrate()
+        return out
+
+    def _bastion_calibrate(self) -> None:
+        from vllm_bastion import calibration
+
+        cfg = self.bastion_config
+        model, source, fit_error = calibration.startup_model(
+            self, calibrate=cfg.calibrate, device_profile=cfg.device_profile, log=logger)
+        self._bastion_budget.set_model(model, source, fit_error)
+        logger.info("BASTION latency model (%s): %s", source, model)
+
     # ------------------------------------------------------------ inputs
+
+    def _update_states(self, scheduler_output):
+        out = super()._update_states(scheduler_output)
+        gone = set(scheduler_output.finished_req_ids)
+        gone |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+        if gone:
+            self.bastion_table.finish(gone)
+        return out
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
-        t0 = time.perf_counter()
-        self._bastion_step = self._bastion_build_step(scheduler_output, num_scheduled_tokens)
-        self.bastion_stats.timer.add("build_step", time.perf_counter() - t0)
+        t0 = now()
+        num_reqs = self.input_batch.num_reqs
+        self.bastion_table.sync(self.input_batch.req_ids[:num_reqs], self.requests)
+        self._bastion_plan = self._bastion_plan_step(out[1], num_scheduled_tokens)
+        self.bastion_stats.timer.add("build_step", now() - t0)
         self._bastion_attach = True
         return out
 
-    def _bastion_build_step(self, scheduler_output, num_scheduled_tokens) -> _Step:
-        batch = self.input_batch
-        num_reqs = batch.num_reqs
-        req_ids = batch.req_ids[:num_reqs]
-        spec = scheduler_output.scheduled_spec_decode_tokens
-        sched = np.asarray(num_scheduled_tokens[:num_reqs], dtype=np.int64)
-        row_starts = np.cumsum(sched) - sched
-        computed = batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64)
-
-        nodes = np.zeros(num_reqs, dtype=np.int64)
-        src = np.zeros(num_reqs, dtype=np.int64)  # row of the pending tree batch
-        fallback: list[int] = []
-        pending, pending_rows = self._bastion_pending or (None, {})
-        ptoks = pending.tokens.numpy() if pending is not None else None
-        pnodes = pending.num_nodes.numpy() if pending is not None else None
-        for i, rid in enumerate(req_ids):
-            draft = spec.get(rid)
-            if not draft:
-                continue
-            n = len(draft)
-            nodes[i] = n
-            j = pending_rows.get(rid)
-            if j is not None and pnodes[j] >= n and np.array_equal(ptoks[j, 1 : 1 + n], draft):
-                src[i] = j
-            else:
-                fallback.append(i)  # drafts BASTION did not build as a tree: a chain
+    def _bastion_pending_trees(self, n: np.ndarray) -> TreeBatch:
+        """This step's trees: the pending trees of every request, truncated to
+        the nodes the scheduler scheduled; drafts of requests without a pending
+        tree (scheduled from an older step) are verified as chains."""
+        num_reqs = len(n)
+        req_ids = self.input_batch.req_ids[:num_reqs]
+        pending, pending_ids = self._bastion_pending or (None, [])
         self._bastion_pending = None
-        keep = nodes.copy()
-        keep[fallback] = 0
-        if pending is not None:
-            trees = pending.select(torch.from_numpy(src)).truncate(torch.from_numpy(keep))
-        else:
-            trees = chain_tree([[] for _ in range(num_reqs)])
-        if fallback:
-            rows = [trees.select([i]) for i in range(num_reqs)]
-            for i in fallback:
-                rows[i] = chain_tree([list(spec[req_ids[i]])])
-            trees = _stack_trees(rows)
-        # the sampled row 0 of a request is its first spec row (root) or, for a
-        # prefill chunk, its last scheduled row
-        root_pos = computed + sched - 1 - nodes
-        rows_per_req = 1 + nodes
+        if pending is not None and pending_ids == req_ids:
+            trees = pending.truncate(torch.from_numpy(n))
+            known = np.ones(num_reqs, dtype=bool)
+        else:  # the batch changed since the trees were built
+            index = {rid: i for i, rid in enumerate(pending_ids)}
+            src = np.array([index.get(rid, -1) for rid in req_ids], dtype=np.int64)
+            known = src >= 0
+            if pending is not None and known.any():
+                trees = pending.select(torch.from_numpy(np.maximum(src, 0)))
+                trees = trees.truncate(torch.from_numpy(np.where(known, n, 0)))
+            else:
+                trees = chain_tree([[] for _ in range(num_reqs)])
+        stale = (~known) & (n > 0)
+        if stale.any():
+            trees = _with_chains(trees, stale, n, self._bastion_draft_tokens(n))
+        return trees
 
-        attn = None
-        has_tree = np.nonzero(nodes > 0)[0]
-        if len(has_tree):
-            # node rows: RoPE position = root position + depth (slots stay sequential)
-            depth = trees.depths.numpy()
-            r_idx, col = np.nonzero(depth > 0)
-            flat_rows = row_starts[r_idx] + col
-            new_pos = root_pos[r_idx] + depth[r_idx, col]
-            idx = torch.from_numpy(flat_rows).to(self.positions.device)
-            self.positions[idx] = torch.from_numpy(new_pos).to(self.positions)
-            sel = trees.select(has_tree.tolist())
-            anc_bits = pack_ancestor_bits(ancestor_mask(sel))
-            gid = self._bastion_group()
+    def _bastion_draft_tokens(self, n: np.ndarray) -> np.ndarray:
+        """[B, max n] the scheduled draft tokens (input ids of node rows), -1 pad."""
+        num_reqs = len(n)
+        sched = np.asarray(self._bastion_sched[:num_reqs], dtype=np.int64)
+        row_start = np.cumsum(sched) - sched
+        width = int(n.max()) if num_reqs else 0
+        cols = np.arange(width)[None, :]
+        live = cols < n[:, None]
+        rows = (row_start + (sched - n))[:, None] + cols  # node rows follow the root
+        ids = self.input_ids.cpu.numpy()
+        return np.where(live, ids[np.where(live, rows, 0)], -1)
 
-            def dev(x):
-                return torch.as_tensor(np.asarray(x), dtype=torch.int32).to(self.device)
-
-            attn = TreeAttentionStep(
-                tree_req=dev(has_tree),
-                row_start=dev(row_starts[has_tree]),
-                num_nodes=dev(nodes[has_tree]),
-                prefix_len=dev(root_pos[has_tree]),
-                anc_bits=anc_bits.to(self.device),
-                max_nodes=int(nodes.max()),
-                block_size=self.input_batch.block_table[gid].block_size,
-                num_blocks=self.kv_cache_config.num_blocks,
-            )
-        return _Step(trees, row_starts, root_pos, rows_per_req, attn, sched, computed)
+    def _bastion_plan_step(self, spec_md, num_scheduled_tokens) -> StepPlan | None:
+        if spec_md is None:
+            self._bastion_pending = None
+            return None
+        num_reqs = self.input_batch.num_reqs
+        sched = np.asarray(num_scheduled_tokens[:num_reqs], dtype=np.int64)
+        self._bastion_sched = sched
+        n = np.asarray(spec_md.num_draft_tokens, dtype=np.int64)
+        trees = self._bastion_pending_trees(n)
+        drafts = self._bastion_draft_tokens(n)
+        width = drafts.shape[1]
+        if width and not np.array_equal(
+                np.where(drafts >= 0, trees.tokens[:, 1 : 1 + width].numpy(), -1), drafts):
+            bad = np.nonzero((np.where(drafts >= 0, trees.tokens[:, 1 : 1 + width].numpy(), -1)
+                              != drafts).any(axis=1))[0]
+            raise BastionTreeMismatch(
+                f"BASTION: the drafts scheduled for {len(bad)} request(s) (first: "
+                f"{self.input_batch.req_ids[int(bad[0])]}) are not the tree this worker "
+                "built. With tensor parallelism every rank must build the same trees; "
+                "this is a bug, please report it.")
+        row_start = np.cumsum(sched) - sched
+        computed = self.input_batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64)
+        root_pos = computed + sched - 1 - n
+        plan = plan_step(trees, row_start, sched, root_pos, pack_bits=pack_ancestor_bits)
+        if plan.num_branch_rows:
+            # branch rows: RoPE position = root position + depth (slots stay sequential)
+            self.positions[plan.branch_rows.to(self.positions.device)] = plan.branch_pos.to(
+                self.positions)
+        return plan
 
     def _bastion_group(self) -> int:
         name = self._bastion_layers[0]
@@ -237,10 +227,13 @@ class BastionRunnerMixin:
 
     def _build_attention_metadata(self, *args, **kwargs):
         attn_metadata, spec_cad = super()._build_attention_metadata(*args, **kwargs)
-        info = None
-        if self._bastion_attach and self._bastion_step is not None:
-            info = self._bastion_step.attn
+        plan = None
+        if self._bastion_attach:
+            plan = self._bastion_plan
             self._bastion_attach = False
+        info = None
+        if plan is not None and plan.num_branch_rows:
+            info = self._bastion_tree_attention_step(plan, spec_cad)
         mds = attn_metadata if isinstance(attn_metadata, list) else [attn_metadata]
         for per_layer in mds:
             if not isinstance(per_layer, dict):
@@ -251,173 +244,107 @@ class BastionRunnerMixin:
                     setattr(md, METADATA_ATTR, info)
         return attn_metadata, spec_cad
 
+    def _bastion_tree_attention_step(self, plan: StepPlan, cad) -> TreeAttentionStep:
+        gid = self._bastion_group()
+        drafter_gid = getattr(getattr(self, "drafter", None), "kv_cache_gid", gid)
+        if cad is None or drafter_gid != gid:
+            raise RuntimeError("BASTION needs the target and the drafter in one KV cache group")
+        group = next(g for g in self.attn_groups[gid] if self._bastion_layers[0] in g.layer_names)
+        return TreeAttentionStep.build(
+            plan, cad, group, self.device,
+            block_size=self.input_batch.block_table[gid].block_size,
+            num_blocks=self.kv_cache_config.num_blocks,
+            max_nodes=self.bastion_config.max_nodes,
+        )
+
+    # ------------------------------------------------------------ forward
+
     def execute_model(self, scheduler_output, intermediate_tensors=None):
-        budget = self._bastion_budget
-        if budget is not None and budget.refit is None and scheduler_output.total_num_scheduled_tokens:
-            self._bastion_calibrate()
-        t0 = time.perf_counter()
+        t0 = now()
         fix0 = _tree_attention.FIXUP_SECONDS[0]
         out = super().execute_model(scheduler_output, intermediate_tensors)
+        t1 = now()
         timer = self.bastion_stats.timer
         timer.steps += 1
-        timer.add("verify_forward", time.perf_counter() - t0)
-        timer.add("step_total", time.perf_counter() - t0)
+        timer.add("verify_forward", t1 - t0)
+        timer.add("step_total", t1 - t0)
         timer.add("tree_attention", _tree_attention.FIXUP_SECONDS[0] - fix0)
         st = self.execute_model_state
         self._bastion_exec = (st.aux_hidden_states, st.slot_mappings) if st is not None else None
-        if budget is not None and st is not None and self._bastion_step is not None:
+        budget = self._bastion_budget
+        if budget is not None and st is not None and budget.ready:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            verify = time.perf_counter() - t0
-            step = self._bastion_step
-            self._bastion_observe_verify(step.scheduled, step.computed, verify)
-            if budget.last_end is not None:
-                gap = t0 - budget.last_end  # scheduler, IPC, output processing
-                if gap < 0.25:  # idle engines are not overhead
-                    budget.gap_ema = _ema(budget.gap_ema, gap)
+                t1 = now()
+            num_reqs = self.input_batch.num_reqs
+            sched = np.asarray([scheduler_output.num_scheduled_tokens[r]
+                                for r in self.input_batch.req_ids[:num_reqs]], dtype=np.int64)
+            computed = self.input_batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64)
+            budget.observe_verify(sched, computed, t1 - t0, t0)
         return out
 
     def sample_tokens(self, grammar_output):
-        budget = self._bastion_budget
-        t0 = time.perf_counter()
+        t0 = now()
         out = super().sample_tokens(grammar_output)
-        t1 = time.perf_counter()
+        t1 = now()
         self.bastion_stats.timer.add("sample_total", t1 - t0)
         self.bastion_stats.timer.add("step_total", t1 - t0)
-        if budget is not None:
-            budget.observe_fixed((t1 - t0) + (budget.gap_ema or 0.0))
-            if budget.refit is not None and self.bastion_config.online_refit:
-                budget.refit.update_fixed(budget.t_fix)
-            budget.last_end = t1
+        if self._bastion_budget is not None:
+            self._bastion_budget.observe_outside(t1 - t0, t1)
         return out
-
-    # ------------------------------------------------------------ cost model
-
-    def _bastion_calibrate(self) -> None:
-        from vllm_bastion import calibration
-
-        cfg = self.bastion_config
-        budget = self._bastion_budget
-        if cfg.calibrate:
-            model, _, source, budget.fit_error = calibration.calibrate(
-                self, device_profile=cfg.device_profile, log=logger)
-        else:
-            shape = calibration.model_shape(self.vllm_config)
-            prior = calibration.resolve_prior(self, cfg.device_profile)
-            from vllm_bastion.core.cost_model import LatencyModel
-
-            model = LatencyModel.from_prior(shape, prior, t_fix=calibration.probe_drafter(self))
-            source = f"uncalibrated prior {prior.name}"
-        if budget.t_fix is None:
-            budget.t_fix = model.t_fix  # until steps are measured: the drafter forward
-        budget.refit = OnlineRefit(model)
-        budget.source = source
-        logger.info("BASTION latency model (%s): %s", source, model)
-
-    def _bastion_observe_verify(self, scheduled, computed, seconds: float) -> None:
-        budget = self._bastion_budget
-        if budget.refit is None or not len(scheduled):
-            return
-        pred = budget.refit.model.step_time(scheduled, computed)
-        budget.err_ema = _ema(budget.err_ema, abs(pred - seconds) / max(seconds, 1e-9))
-        if self.bastion_config.online_refit:
-            budget.refit.update(scheduled, computed, seconds)
-
-    def _bastion_plan(self, trees: TreeBatch, sampled_token_ids) -> torch.Tensor:
-        """Per-request node counts for the next step (one budget for the batch)."""
-        cfg = self.bastion_config
-        budget = self._bastion_budget
-        B = trees.batch_size
-        if budget is None or budget.refit is None:
-            return trees.num_nodes
-        n_valid = (
-            (sampled_token_ids[:B] >= 0).sum(dim=1).cpu().numpy()
-            if torch.is_tensor(sampled_token_ids)
-            else np.array([len(x) for x in sampled_token_ids[:B]])
-        )
-        contexts = self.input_batch.num_tokens_no_spec[:B] + n_valid - 1
-        decoding = ~self.discard_request_mask.np[:B].astype(bool) & (n_valid > 0)
-        caps = torch.from_numpy(np.where(decoding, cfg.max_nodes, 0)).long()
-        room = self.max_num_tokens - B * (1 + cfg.draft_depth)
-        decision = plan_batch_budget(
-            trees.scores, torch.from_numpy(np.maximum(contexts, 0)), budget.refit.model,
-            t_fix=budget.t_fix if budget.t_fix is not None else budget.refit.model.fixed_time(B),
-            min_nodes=torch.where(caps > 0, cfg.min_nodes, 0), max_nodes=caps, exact=True,
-            max_total_nodes=max(0, room),
-        )
-        n = decision.num_nodes.cpu()
-        budget.planned_steps += 1
-        budget.planned_nodes += int(n.sum())
-        return n
 
     # ------------------------------------------------------------ verify
 
     def _sample(self, logits, spec_decode_metadata):
-        step = self._bastion_step
-        if spec_decode_metadata is None or step is None:
+        plan = self._bastion_plan
+        if spec_decode_metadata is None or plan is None:
             return super()._sample(logits, spec_decode_metadata)
-        self._bastion_step = None
+        self._bastion_plan = None
         self.input_batch.update_async_output_token_ids()
-        num_reqs = self.input_batch.num_reqs
-        req_ids = self.input_batch.req_ids[:num_reqs]
-        trees = step.trees
-        W = trees.width
-        counts = torch.from_numpy(step.rows_per_req)
-
-        # absolute position each row predicts: root_pos + depth + 1
-        depth_rows = torch.cat([trees.depths[b, : int(counts[b])] for b in range(num_reqs)])
-        pos_rows = torch.from_numpy(step.root_pos).repeat_interleave(counts) + depth_rows + 1
-        seeds = [self.requests[r].sampling_params.seed for r in req_ids]
         timer = self.bastion_stats.timer
-        t0 = time.perf_counter()
-        tok = target_tokens(
-            logits, counts, self.input_batch.sampling_metadata, seeds, pos_rows
-        ).cpu()
-        t1 = time.perf_counter()
+        t0 = now()
+        counts = plan.sampled_rows
+        pos_rows = plan.root_pos.repeat_interleave(counts) + sampled_row_depths(plan) + 1
+        table = self.bastion_table
+        seeds = None
+        if table["has_seed"].any():
+            seeds = (torch.from_numpy(table["seed"]), torch.from_numpy(table["has_seed"]))
+        tok = target_tokens(logits, counts, self.input_batch.sampling_metadata, seeds, pos_rows)
+        t1 = now()
         timer.add("target_tokens", t1 - t0)
 
-        target = torch.full((num_reqs, W), -1, dtype=torch.long)
-        col = torch.cat([torch.arange(int(c)) for c in counts])
-        target[torch.arange(num_reqs).repeat_interleave(counts), col] = tok
-        result = accept_walk(trees, target)
+        result = finish_step(plan, tok.cpu())
+        walk = result.walk
+        trees = plan.trees
         if self.bastion_acceptance is not None and trees.node_logq is not None:
-            t = result.tested_mask
+            t = walk.tested_mask
             self.bastion_acceptance.update(
-                trees.depths[t], trees.node_logq[t], result.accepted_mask[t],
+                trees.depths[t], trees.node_logq[t], walk.accepted_mask[t],
                 path_classes(trees, NUM_CLASSES - 1)[t])
-
-        t2 = time.perf_counter()
+        t2 = now()
         timer.add("walk", t2 - t1)
-        self._bastion_compact(step, result)
-        timer.add("compaction", time.perf_counter() - t2)
-        has = (trees.num_nodes > 0).nonzero().squeeze(1).tolist()
-        if has:
-            self.bastion_stats.observe(
-                nodes=trees.num_nodes[has].tolist(),
-                accepted=result.num_accepted[has].tolist(),
-                chain=result.chain_accepted[has].tolist(),
-                depths=trees.depths[has].max(dim=1).values.tolist(),
-            )
-        sampled = result.output_tokens.to(device=self.device, dtype=torch.int32)
+        self._bastion_compact(result.src_rows, result.dst_rows)
+        timer.add("compaction", now() - t2)
+        self.bastion_stats.observe_step(trees.num_nodes, walk.num_accepted, walk.chain_accepted,
+                                        trees.depths.max(dim=1).values)
+        sampled = walk.output_tokens.to(device=self.device, dtype=torch.int32)
         return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=None)
 
-    def _bastion_compact(self, step: _Step, result) -> None:
+    def _bastion_compact(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Make every accepted path contiguous in the KV cache and activations."""
-        src, dst = compaction_pairs(
-            torch.from_numpy(step.row_starts), result.path_nodes, result.num_accepted
-        )
         if src.numel() == 0:
             return
         src_d, dst_d = src.to(self.device), dst.to(self.device)
         aux, slot_mappings = self._bastion_exec or (None, None)
-        ctx = self.compilation_config.static_forward_context
-        caches, slots = [], None
-        for name in self._bastion_layers:
-            layer = ctx[name]
-            caches.append(paged_kv_views(layer.impl, layer, layer.kv_cache, step.attn))
-            slots = slot_mappings.get(name) if isinstance(slot_mappings, dict) else None
+        slots = slot_mappings.get(self._bastion_layers[0]) if isinstance(slot_mappings, dict) else None
         if slots is None:
             raise RuntimeError("BASTION: no slot mapping for the target layers")
+        if self._bastion_kv_views is None:
+            self._bastion_kv_views = kv_cache_views(
+                self.compilation_config.static_forward_context, self._bastion_layers,
+                self.input_batch.block_table[self._bastion_group()].block_size,
+                self.kv_cache_config.num_blocks)
+        caches = self._bastion_kv_views
         src_slots, dst_slots = slots[src_d].long(), slots[dst_d].long()
         if caches[0][0].is_cuda and HAS_TRITON:
             compact_kv(caches, src_slots, dst_slots)
@@ -450,9 +377,9 @@ class BastionRunnerMixin:
 
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
         timer = self.bastion_stats.timer
-        t0 = time.perf_counter()
+        t0 = now()
         super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
-        t1 = time.perf_counter()
+        t1 = now()
         timer.add("draft", t1 - t0)
         topk = self.drafter.take_topk()
         num_reqs = self.input_batch.num_reqs
@@ -465,14 +392,20 @@ class BastionRunnerMixin:
         trees = build_best_first_trees(
             logp, toks, max_nodes=self.bastion_config.max_nodes,
             class_values=cal.class_values(logp) if cal is not None else None)
-        # every rank keeps the full tree; the scheduler's (rank 0's) node count
-        # truncates it next step (any best-first prefix is a tree)
-        self._bastion_pending = (trees, {rid: i for i, rid in enumerate(req_ids)})
-        t2 = time.perf_counter()
+        t2 = now()
         timer.add("tree_build", t2 - t1)
-        if self._bastion_budget is not None:
-            trees = trees.truncate(self._bastion_plan(trees, sampled_token_ids))
-            timer.add("budget", time.perf_counter() - t2)
+        budget = self._bastion_budget
+        if budget is not None and budget.ready:
+            n_valid = (sampled_token_ids[:num_reqs] >= 0).sum(dim=1).cpu().numpy()
+            contexts = self.input_batch.num_tokens_no_spec[:num_reqs] + n_valid - 1
+            decoding = ~self.discard_request_mask.np[:num_reqs].astype(bool) & (n_valid > 0)
+            room = self.max_num_tokens - num_reqs * (1 + self.bastion_config.draft_depth)
+            n = budget.plan(trees.scores, contexts, decoding, room)
+            n = _same_on_all_tp_ranks(n)
+            trees = trees.truncate(n)
+            timer.add("budget", now() - t2)
+        trees, _ = spine_first(trees)
+        self._bastion_pending = (trees, list(req_ids))
         return trees.node_lists()
 
     def _copy_draft_token_ids_to_cpu(self, scheduler_output, zeros_only: bool = False):
@@ -482,6 +415,26 @@ class BastionRunnerMixin:
             self._draft_token_ids = [[] for _ in self.input_batch.req_ids]
             self._bastion_pending = None
         return super()._copy_draft_token_ids_to_cpu(scheduler_output, zeros_only=False)
+
+
+def _with_chains(trees: TreeBatch, rows: np.ndarray, n: np.ndarray, drafts: np.ndarray) -> TreeBatch:
+    """Replace the trees of `rows` by chains of their scheduled drafts (drafts
+    of a request whose tree is gone, e.g. scheduled from an older step)."""
+    chains = chain_tree([drafts[i, : n[i]].tolist() if rows[i] else [] for i in range(len(n))])
+    return replace_rows(trees, torch.from_numpy(rows), chains)
+
+
+def _same_on_all_tp_ranks(n: torch.Tensor) -> torch.Tensor:
+    """Rank 0's node counts on every TP rank (budgets are timed per rank)."""
+    try:
+        from vllm.distributed import get_tp_group
+
+        group = get_tp_group()
+    except Exception:  # noqa: BLE001 - no distributed state: single process
+        return n
+    if group.world_size == 1:
+        return n
+    return group.broadcast(n.to(group.device), src=0).cpu()
 
 
 def _stats_file(vllm_config) -> str | None:
@@ -497,25 +450,6 @@ def _stats_file(vllm_config) -> str | None:
         pass
     hf = vllm_config.speculative_config.draft_model_config.hf_config
     return getattr(hf, STATS_FILE_ATTR, None)
-
-
-def _stack_trees(rows: list[TreeBatch]) -> TreeBatch:
-    W = max(t.width for t in rows)
-
-    def pad(x, fill):
-        return torch.nn.functional.pad(x, (0, W - x.shape[1]), value=fill)
-
-    return TreeBatch(
-        tokens=torch.cat([pad(t.tokens, -1) for t in rows]),
-        parents=torch.cat([pad(t.parents, -1) for t in rows]),
-        depths=torch.cat([pad(t.depths, -1) for t in rows]),
-        ranks=torch.cat([pad(t.ranks, -1) for t in rows]),
-        scores=torch.cat([pad(t.scores, float("-inf")) for t in rows]),
-        num_nodes=torch.cat([t.num_nodes for t in rows]),
-        node_logq=torch.cat([
-            pad(t.node_logq if t.node_logq is not None else torch.full_like(t.scores, float("-inf")),
-                float("-inf")) for t in rows]),
-    )
 
 
 class BastionGPUModelRunner(BastionRunnerMixin, GPUModelRunner):

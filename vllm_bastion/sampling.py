@@ -1,15 +1,18 @@
 """The target's token at every verified row, under each request's own sampling.
 
-Greedy rows take vLLM's own greedy argmax. Sampled rows apply exactly vLLM's
-processing (temperature, then top-k/top-p with vLLM's functions) and draw one
-token from the resulting distribution with the exponential race vLLM uses.
+Greedy rows take vLLM's greedy rule (argmax, first index on ties) on the
+logits as they are: no float32 copy. Sampled rows (only those) get exactly
+vLLM's processing (temperature, then top-k/top-p with vLLM's functions) and
+draw one token from the resulting distribution with the exponential race
+vLLM uses.
 
 Randomness. The walk is lossless as long as draws at different depths are
 independent. For a request with a seed, the noise of a row is keyed by
-(seed, absolute position of the token it predicts), so a seeded request's
-output depends only on its seed and prompt: not on the tree shapes, the
-batch it shares, or the number of steps. Requests without a seed draw fresh
-noise per row.
+(seed, absolute position of the token it predicts, token id) through a
+stateless hash (core.noise), so a seeded request's output depends only on
+its seed and prompt: not on the tree shapes, the batch it shares, or the
+number of steps. Requests without a seed draw from the global generator
+(seeded identically on every TP rank, as vLLM's own sampler).
 """
 
 from __future__ import annotations
@@ -17,68 +20,54 @@ from __future__ import annotations
 import torch
 
 from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
-from vllm.v1.sample.sampler import _SAMPLING_EPS, Sampler
+from vllm.v1.sample.sampler import _SAMPLING_EPS
 
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def position_seed(seed: int, position: int) -> int:
-    """63-bit generator seed for (request seed, predicted token position)."""
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ position) >> 1
+from vllm_bastion.core.noise import seeded_exponential
 
 
 def target_tokens(
     logits: torch.Tensor,
     rows_per_req: torch.Tensor,
     sampling_metadata,
-    seeds: list[int | None],
+    seeds: tuple[torch.Tensor, torch.Tensor] | None,
     row_positions: torch.Tensor,
 ) -> torch.Tensor:
-    """One target token per logits row.
+    """One target token per logits row (int64 [R]).
 
     Args:
         logits: [R, V] target logits of every verified row (request-major).
-        rows_per_req: [B] rows of each request (1 + its draft nodes).
+        rows_per_req: [B] (CPU) rows of each request (1 + its draft nodes).
         sampling_metadata: the input batch's vLLM SamplingMetadata (per request).
-        seeds: per request, its seed or None.
-        row_positions: [R] absolute position of the token each row predicts.
-    """
-    logits = logits.to(torch.float32, copy=True)  # processed in place below
-    counts = rows_per_req.to(logits.device)
-    sm = sampling_metadata
-    greedy = None
-    if not sm.all_random:
-        greedy = Sampler.greedy_sample(logits)
-        if sm.all_greedy:
-            return greedy.long()
+        seeds: None, or (seed [B] int64, has_seed [B] bool), both on the CPU.
+        row_positions: [R] (CPU) absolute position of the token each row predicts.
 
-    temp = sm.temperature.to(logits.device).repeat_interleave(counts)
-    lg = Sampler.apply_temperature(logits, temp, sm.all_random)
-    k = sm.top_k.to(logits.device).repeat_interleave(counts) if sm.top_k is not None else None
-    p = sm.top_p.to(logits.device).repeat_interleave(counts) if sm.top_p is not None else None
+    No host synchronization: which rows are seeded is known on the host.
+    """
+    sm = sampling_metadata
+    greedy = logits.argmax(dim=-1)
+    if sm.all_greedy:
+        return greedy.long()
+    dev = logits.device
+    counts = rows_per_req.cpu()
+    temp = sm.temperature.to(dev).repeat_interleave(counts.to(dev))
+    lg = logits.to(torch.float32).div_(
+        torch.where(temp < _SAMPLING_EPS, 1.0, temp).unsqueeze(1))  # as vLLM's sampler
+    k = sm.top_k.to(dev).repeat_interleave(counts.to(dev)) if sm.top_k is not None else None
+    p = sm.top_p.to(dev).repeat_interleave(counts.to(dev)) if sm.top_p is not None else None
     lg = apply_top_k_top_p(lg, k, p)
     probs = lg.softmax(dim=-1, dtype=torch.float32)
 
-    q = torch.empty_like(probs)
-    q.exponential_()
-    starts = torch.cumsum(counts, 0) - counts
-    positions = row_positions.tolist()
-    for b, seed in enumerate(seeds):
-        if seed is None:
-            continue
-        s = int(starts[b])
-        for r in range(s, s + int(counts[b])):
-            g = torch.Generator(device=probs.device)
-            g.manual_seed(position_seed(seed, positions[r]))
-            q[r].exponential_(generator=g)
+    q = torch.empty_like(probs).exponential_()
+    if seeds is not None:
+        seed_vals, has_seed = seeds
+        seeded_row = has_seed.cpu().repeat_interleave(counts)
+        srows = seeded_row.nonzero().squeeze(1)  # host
+        if srows.numel():
+            req_of_row = torch.arange(counts.numel()).repeat_interleave(counts)[srows]
+            q[srows.to(dev)] = seeded_exponential(
+                seed_vals.cpu()[req_of_row].to(dev), row_positions.cpu()[srows].to(dev),
+                probs.shape[1])
     sampled = probs.div_(q).argmax(dim=-1)
-    if greedy is None:
+    if sm.all_random:
         return sampled.long()
-    return torch.where(temp < _SAMPLING_EPS, greedy.long(), sampled.long())
+    return torch.where(temp < _SAMPLING_EPS, greedy, sampled).long()

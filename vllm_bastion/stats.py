@@ -12,6 +12,8 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 logger = logging.getLogger("vllm.bastion")  # under vLLM's log handler
 
 
@@ -26,23 +28,28 @@ class BastionStats:
     accepted_by_depth: list[int] = field(default_factory=list)
     trees_by_depth: list[int] = field(default_factory=list)  # trees reaching depth d
 
-    def observe(self, nodes: list[int], accepted: list[int], chain: list[int], depths: list[int]) -> None:
-        if not nodes:
+    def observe(self, nodes, accepted, chain, depths) -> None:
+        """One verify step: per tree (requests with nodes only) its node count,
+        accepted nodes, what a top-1 chain would have accepted and its depth
+        (int tensors or sequences). Vectorized: no loop over trees."""
+        nodes, accepted, chain, depths = (torch.as_tensor(x, dtype=torch.long).reshape(-1)
+                                          for x in (nodes, accepted, chain, depths))
+        if not nodes.numel():
             return
         self.steps += 1
-        self.trees += len(nodes)
-        self.nodes += sum(nodes)
-        self.accepted += sum(accepted)
-        self.chain_accepted += sum(chain)
-        self.max_depth_sum += sum(depths)
-        need = max(depths + [0])
+        self.trees += int(nodes.numel())
+        self.nodes += int(nodes.sum())
+        self.accepted += int(accepted.sum())
+        self.chain_accepted += int(chain.sum())
+        self.max_depth_sum += int(depths.sum())
+        need = int(depths.max())
         for arr in (self.accepted_by_depth, self.trees_by_depth):
             arr.extend([0] * (need - len(arr)))
-        for a, d in zip(accepted, depths):
-            for j in range(a):
-                self.accepted_by_depth[j] += 1
-            for j in range(d):
-                self.trees_by_depth[j] += 1
+        # trees accepting at depth j (j < accepted) / reaching depth j (j < depth)
+        for arr, x in ((self.accepted_by_depth, accepted), (self.trees_by_depth, depths)):
+            ge = torch.bincount(x, minlength=need + 1).flip(0).cumsum(0).flip(0)[1 : need + 1]
+            for j, v in enumerate(ge.tolist()):
+                arr[j] += v
 
     def summary(self) -> dict:
         t = max(self.trees, 1)
@@ -99,6 +106,13 @@ class StatsLogger:
             out["acceptance_calibration"] = self.acceptance.summary()
         out["time_per_step"] = self.timer.summary()
         return out
+
+    def observe_step(self, nodes, accepted, chain, depths) -> None:
+        """A verify step's per-request tensors [B]; requests without a tree
+        (num_nodes 0) are left out."""
+        has = nodes > 0
+        if bool(has.any()):
+            self.observe(nodes[has], accepted[has], chain[has], depths[has])
 
     def observe(self, nodes, accepted, chain, depths) -> None:
         self.total.observe(nodes, accepted, chain, depths)

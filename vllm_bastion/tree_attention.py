@@ -1,25 +1,32 @@
 """Tree attention inside vLLM's attention layers.
 
 BASTION verifies every request's tree in the same forward as the rest of the
-batch (kernels: vllm_bastion.kernels.tree_attention, Triton on CUDA, its torch
-reference elsewhere; paged K/V views from vllm_bastion.kv_layout). The target's attention layers keep their backend (CPU_ATTN on CPU,
-FlashAttention / Triton on GPU), which computes every row causally and writes
-the KV cache as usual; that is exact for prefill rows, plain decode rows and
-every tree root. For the draft-node rows the result is then replaced by tree
-attention: the node sees the request's cached prefix plus its ancestors in
-the tree (ancestor bitmask), at its own depth position (RoPE was already
-applied with position root + depth).
+batch. Trees are laid out spine first (core/step.py), so a tree request's
+root and spine rows form an ordinary causal chain: the target's attention
+backend (CPU_ATTN on CPU, FlashAttention / Triton on GPU) computes them, and
+every prefill chunk and plain decode row, exactly as it would without
+BASTION. The *branch* rows (tree nodes after the spine) are left out of the
+backend's work: for a step with branch rows the backend runs on the other
+rows only, with metadata built by its own builder for that subset (their
+K/V are still written by the layer's separate KV-cache update). Tree
+attention then computes the branch rows once: each node sees the request's
+cached prefix plus its ancestors in the tree (ancestor bitmask), at its own
+depth position (RoPE was applied with position root + depth). Kernels:
+vllm_bastion.kernels.tree_attention (Triton on CUDA) and, elsewhere, the same
+function in torch, batched over the step's trees; paged K/V views come from
+vllm_bastion.kv_layout.
 
 The class of each target layer's `impl` is swapped at load time for a
 subclass of itself that adds this step (`install_tree_attention`), so the
 backend, its metadata builder and every isinstance check stay vLLM's own;
-the drafter's layers are untouched. The per-step tree description reaches the
+the drafter's layers are untouched. The per-step description reaches the
 layers on the attention metadata object (`metadata.bastion_tree`).
 """
 
 from __future__ import annotations
 
 import time
+from copy import copy
 from dataclasses import dataclass
 
 import torch
@@ -34,10 +41,14 @@ FIXUP_SECONDS = [0.0]  # host time spent in tree attention (read by the runner's
 
 @dataclass
 class TreeAttentionStep:
-    """This step's trees, as the tree-attention kernels take them (device tensors)."""
+    """This step's branch rows and the backend's metadata for all other rows."""
 
-    tree_req: torch.Tensor  # [R] int32 batch row (block-table row) of each tree request
-    row_start: torch.Tensor  # [R] int32 flattened-batch row of its root
+    backend_rows: torch.Tensor  # [Nk] int64 rows the backend computes
+    backend_metadata: object  # the backend's metadata for those rows
+    # tree requests (requests with branch rows), device tensors
+    tree_req: torch.Tensor  # [R] int32 batch row (block-table row)
+    row_start: torch.Tensor  # [R] int32 verify row of the root
+    first_col: torch.Tensor  # [R] int64 first branch column (1 + spine length)
     num_nodes: torch.Tensor  # [R] int32 draft nodes (root excluded)
     prefix_len: torch.Tensor  # [R] int32 cached tokens before the root (= root position)
     anc_bits: torch.Tensor  # [R, W, ceil(W/32)] int32 packed ancestor-or-self masks
@@ -50,6 +61,52 @@ class TreeAttentionStep:
     def num_requests(self) -> int:
         return int(self.tree_req.shape[0])
 
+    @classmethod
+    def build(cls, plan, cad, attn_group, device, *, block_size: int, num_blocks: int,
+              max_nodes: int) -> TreeAttentionStep:
+        """From a core StepPlan with branch rows and the step's common
+        attention metadata (all rows)."""
+        rows = plan.backend_rows.to(device)
+        qlens = plan.backend_query_lens
+        drop = (plan.num_rows - qlens).to(torch.int32)  # branch rows per request
+        sub = copy(cad)
+        qsl = torch.zeros(len(qlens) + 1, dtype=torch.int32)
+        qsl[1:] = torch.cumsum(qlens, 0)
+        n_req = cad.num_reqs
+        if n_req > len(qlens):  # padded requests keep zero-length queries
+            qsl = torch.cat([qsl, qsl[-1:].expand(n_req - len(qlens))])
+            drop = torch.cat([drop, drop.new_zeros(n_req - len(qlens))])
+        sub.query_start_loc_cpu = qsl
+        sub.query_start_loc = qsl.to(device, non_blocking=True)
+        sub.seq_lens = cad.seq_lens - drop.to(cad.seq_lens.device, cad.seq_lens.dtype)
+        if getattr(cad, "seq_lens_cpu_upper_bound", None) is not None:
+            sub.seq_lens_cpu_upper_bound = cad.seq_lens_cpu_upper_bound - drop.to(
+                cad.seq_lens_cpu_upper_bound.dtype)
+        sub.num_actual_tokens = int(rows.numel())
+        sub.max_query_len = int(qlens.max())
+        sub.slot_mapping = cad.slot_mapping[rows]
+        if getattr(cad, "positions", None) is not None:
+            sub.positions = cad.positions[rows]
+        md = attn_group.build_metadata(sub)
+        reqs = plan.tree_reqs
+
+        def dev(x, dtype=torch.int32):
+            return x.to(dtype).to(device)
+
+        return cls(
+            backend_rows=rows,
+            backend_metadata=md,
+            tree_req=dev(reqs),
+            row_start=dev(plan.row_start[reqs]),
+            first_col=dev(1 + plan.spine_len[reqs], torch.int64),
+            num_nodes=dev(plan.trees.num_nodes[reqs]),
+            prefix_len=dev(plan.root_pos[reqs]),
+            anc_bits=plan.anc_bits.to(device),
+            max_nodes=max_nodes,
+            block_size=block_size,
+            num_blocks=num_blocks,
+        )
+
     def torch_plan(self, block_table: torch.Tensor) -> "_TorchPlan":
         if self._plan is None:
             self._plan = _TorchPlan(self, block_table)
@@ -57,43 +114,48 @@ class TreeAttentionStep:
 
 
 class _TorchPlan:
-    """Padded gather indices and masks for all tree requests of a step, so the
-    torch path is one batched masked attention per layer (same function as
-    the Triton kernel and its reference)."""
+    """Padded gather indices and masks for the branch rows of all tree
+    requests of a step, so the torch path is one batched masked attention
+    per layer (the same function as the Triton kernel and its reference)."""
 
     def __init__(self, step: TreeAttentionStep, block_table: torch.Tensor):
         dev = step.anc_bits.device
-        R, n = step.num_requests, step.max_nodes
+        R = step.num_requests
         nodes = step.num_nodes.long().to(dev)
+        first = step.first_col.long().to(dev)
         starts = step.row_start.long().to(dev)
         plen = step.prefix_len.long().to(dev)
+        m = nodes + 1 - first  # branch rows per request
+        M = int(m.max())
+        Wt = int(nodes.max()) + 1  # tree columns
         c = int(plen.max()) if R else 0
-        i = torch.arange(n, device=dev)
-        self.node_ok = i[None, :] < nodes[:, None]  # [R, n]
-        self.q_rows = (starts[:, None] + 1 + i[None, :]).masked_fill(~self.node_ok, 0)
-        j = torch.arange(n + 1, device=dev)
-        self.tree_rows = (starts[:, None] + j[None, :]).masked_fill(j[None, :] > nodes[:, None], 0)
+        i = torch.arange(M, device=dev)
+        self.q_ok = i[None, :] < m[:, None]  # [R, M]
+        q_col = (first[:, None] + i[None, :]).masked_fill(~self.q_ok, 0)
+        self.q_rows = starts[:, None] + q_col
+        j = torch.arange(Wt, device=dev)
+        tree_ok = j[None, :] <= nodes[:, None]
+        self.tree_rows = (starts[:, None] + j[None, :]).masked_fill(~tree_ok, 0)
         pos = torch.arange(c, device=dev)
         pre_ok = pos[None, :] < plen[:, None]  # [R, c]
         bt = block_table.to(dev)[step.tree_req.long().to(dev)]  # [R, blocks]
         bs = step.block_size
         self.blk = torch.where(pre_ok, bt.gather(1, (pos // bs).expand(R, c)).long(), 0) if c else pos.view(R, 0)
         self.off = (pos % bs).expand(R, c)
-        vis = unpack_ancestor_bits(step.anc_bits[:, 1 : n + 1], n + 1)  # [R, n, n+1]
-        tree_ok = vis & (j[None, None, :] <= nodes[:, None, None])
-        mask = torch.cat([pre_ok[:, None, :].expand(R, n, c), tree_ok], dim=2)
-        # padding query rows (past a request's num_nodes) see its root: never
-        # empty, never written back
-        mask[:, :, c] |= ~self.node_ok
+        bits = step.anc_bits.gather(1, q_col[:, :, None].expand(R, M, step.anc_bits.shape[2]))
+        vis = unpack_ancestor_bits(bits, Wt) & tree_ok[:, None, :]  # [R, M, Wt]
+        mask = torch.cat([pre_ok[:, None, :].expand(R, M, c), vis], dim=2)
+        # padding query rows see their root: never empty, never written back
+        mask[:, :, c] |= ~self.q_ok
         self.mask = mask
-        self.out_rows = self.q_rows[self.node_ok]
+        self.out_rows = self.q_rows[self.q_ok]
 
     def run(self, query, key, value, k_cache, v_cache, out3, scale) -> None:
         kp, vp = k_cache[self.blk, self.off], v_cache[self.blk, self.off]  # [R, c, Hkv, D]
         k = torch.cat([kp.to(key.dtype), key[self.tree_rows]], dim=1)
         v = torch.cat([vp.to(value.dtype), value[self.tree_rows]], dim=1)
         o = masked_attention(query[self.q_rows], k, v, self.mask, scale)
-        out3[self.out_rows] = o[self.node_ok].to(out3.dtype)
+        out3[self.out_rows] = o[self.q_ok].to(out3.dtype)
 
 
 def _block_table_of(metadata) -> torch.Tensor:
@@ -107,24 +169,33 @@ def _block_table_of(metadata) -> torch.Tensor:
     return bt
 
 
-def paged_kv_views(impl, layer, kv_cache, step: TreeAttentionStep):
+def paged_kv_views(impl, layer, kv_cache, block_size: int, num_blocks: int):
     """[num_blocks, block_size, Hkv, D] K and V views of this layer's cache."""
-    layout = probe_layout(impl, layer, kv_cache, step.block_size, step.num_blocks)
-    return layout.views(kv_cache)
+    return probe_layout(impl, layer, kv_cache, block_size, num_blocks).views(kv_cache)
 
 
-def tree_attention_fixup(impl, layer, query, key, value, kv_cache, metadata, output, step):
-    """Overwrite the draft-node rows of `output` with exact tree attention:
-    the Triton kernel on CUDA; elsewhere the same function in torch, batched
-    over the step's trees (see `_TorchPlan`)."""
-    k_cache, v_cache = paged_kv_views(impl, layer, kv_cache, step)
+def kv_cache_views(forward_context: dict, layer_names: list[str], block_size: int,
+                   num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """K/V views of every named layer's cache (built once per KV cache)."""
+    out = []
+    for name in layer_names:
+        layer = forward_context[name]
+        out.append(paged_kv_views(layer.impl, layer, layer.kv_cache, block_size, num_blocks))
+    return out
+
+
+def tree_attention_rows(impl, layer, query, key, value, kv_cache, metadata, output, step):
+    """Write the branch rows of `output` with exact tree attention: the Triton
+    kernel on CUDA; elsewhere the same function in torch, batched over the
+    step's trees (see `_TorchPlan`)."""
+    k_cache, v_cache = paged_kv_views(impl, layer, kv_cache, step.block_size, step.num_blocks)
     out3 = output.view(output.shape[0], impl.num_heads, -1)
     block_table = _block_table_of(metadata)
     if kv_cache.is_cuda and HAS_TRITON:
         tree_attention_triton(
             query, key, value, k_cache, v_cache, block_table,
             step.tree_req, step.row_start, step.num_nodes, step.prefix_len, step.anc_bits,
-            impl.scale, out3, max_nodes=step.max_nodes,
+            impl.scale, out3, max_nodes=step.max_nodes, first_col=step.first_col,
         )
     else:
         step.torch_plan(block_table).run(query, key, value, k_cache, v_cache, out3, impl.scale)
@@ -142,15 +213,24 @@ def tree_impl_class(cls: type) -> type:
     sub = _CLASSES.get(cls)
     if sub is not None:
         return sub
+    passes_kv = "CPU" not in cls.__name__  # CPU_ATTN reads K/V from the cache only
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        out = cls.forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         step = getattr(attn_metadata, METADATA_ATTR, None) if attn_metadata is not None else None
-        if step is not None and step.num_requests:
-            t0 = time.perf_counter()
-            tree_attention_fixup(self, layer, query, key, value, kv_cache, attn_metadata, output, step)
-            FIXUP_SECONDS[0] += time.perf_counter() - t0
-        return out
+        if step is None:
+            return cls.forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                               *args, **kwargs)
+        rows = step.backend_rows
+        o_b = output.new_empty((rows.numel(),) + tuple(output.shape[1:]))
+        k_b = key[rows] if passes_kv and key is not None else key
+        v_b = value[rows] if passes_kv and value is not None else value
+        cls.forward(self, layer, query[rows], k_b, v_b, kv_cache, step.backend_metadata, o_b,
+                    *args, **kwargs)
+        output[rows] = o_b
+        t0 = time.perf_counter()
+        tree_attention_rows(self, layer, query, key, value, kv_cache, attn_metadata, output, step)
+        FIXUP_SECONDS[0] += time.perf_counter() - t0
+        return output
 
     sub = type(
         f"BastionTree{cls.__name__}",

@@ -1,0 +1,113 @@
+"""BASTION's 'auto' budget inside the engine (vLLM glue around core.budget).
+
+Holds the calibrated latency model and its online refit, the measured
+per-step times outside the verify forward (T_fix), and plans every step's
+node counts with core.budget's batch-wide best-first rule.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from vllm_bastion.core.budget import plan_batch_budget
+from vllm_bastion.core.cost_model import LatencyModel, OnlineRefit
+
+
+def ema(prev: float | None, x: float, a: float = 0.1) -> float:
+    """Exponential moving average (the first sample starts it)."""
+    return x if prev is None else (1 - a) * prev + a * x
+
+
+class EngineBudget:
+    """The latency model, the step timings and the per-step plan."""
+
+    def __init__(self, config):
+        self.config = config
+        self.refit: OnlineRefit | None = None
+        self.source = ""
+        self.fit_error: float | None = None  # calibration MAPE
+        self.err_ema: float | None = None  # online |predicted - measured| / measured
+        self.t_fix: float | None = None  # seconds per step outside the verify forward
+        self.gap_ema: float | None = None  # host time between steps (scheduler, IPC)
+        self.last_end: float | None = None
+        self.planned_steps = 0
+        self.planned_nodes = 0
+        self.pred_ema: float | None = None  # predicted verify seconds (last steps)
+        self.meas_ema: float | None = None  # measured verify seconds (last steps)
+
+    # ------------------------------------------------------------ model
+
+    def set_model(self, model: LatencyModel, source: str, fit_error: float | None) -> None:
+        if self.t_fix is None:
+            self.t_fix = model.t_fix  # until steps are measured: the drafter forward
+        self.refit = OnlineRefit(model)
+        self.source = source
+        self.fit_error = fit_error
+
+    @property
+    def ready(self) -> bool:
+        return self.refit is not None
+
+    # ------------------------------------------------------------ timings
+
+    def observe_verify(self, scheduled: np.ndarray, computed: np.ndarray, seconds: float,
+                       start: float) -> None:
+        if self.refit is None or not len(scheduled):
+            return
+        pred = self.refit.model.step_time(scheduled, computed)
+        self.err_ema = ema(self.err_ema, abs(pred - seconds) / max(seconds, 1e-9))
+        self.pred_ema = ema(self.pred_ema, pred)
+        self.meas_ema = ema(self.meas_ema, seconds)
+        if self.config.online_refit:
+            self.refit.update(scheduled, computed, seconds)
+        if self.last_end is not None:
+            gap = start - self.last_end  # scheduler, IPC, output processing
+            if gap < 0.25:  # idle engines are not overhead
+                self.gap_ema = ema(self.gap_ema, gap)
+
+    def observe_outside(self, seconds: float, end: float) -> None:
+        """Time of sampling + drafting + tree work of one step."""
+        self.t_fix = ema(self.t_fix, seconds + (self.gap_ema or 0.0))
+        if self.refit is not None and self.config.online_refit:
+            self.refit.update_fixed(self.t_fix)
+        self.last_end = end
+
+    # ------------------------------------------------------------ plan
+
+    def plan(self, scores: torch.Tensor, contexts: np.ndarray, decoding: np.ndarray,
+             room: int) -> torch.Tensor:
+        """Per-request node counts [B] for the next step (one budget for the batch)."""
+        cfg = self.config
+        caps = torch.from_numpy(np.where(decoding, cfg.max_nodes, 0)).long()
+        model = self.refit.model
+        decision = plan_batch_budget(
+            scores, torch.from_numpy(np.maximum(contexts, 0)), model,
+            t_fix=self.t_fix if self.t_fix is not None else model.fixed_time(len(contexts)),
+            min_nodes=torch.where(caps > 0, cfg.min_nodes, 0), max_nodes=caps, exact=True,
+            max_total_nodes=max(0, room),
+        )
+        n = decision.num_nodes.cpu()
+        self.planned_steps += 1
+        self.planned_nodes += int(n.sum())
+        return n
+
+    def summary(self) -> dict:
+        out = {"source": self.source, "calibration_mape": self.fit_error,
+               "refit_rel_error": self.err_ema, "t_fix_s": self.t_fix,
+               "mean_planned_nodes": self.planned_nodes / max(self.planned_steps, 1),
+               "predicted_verify_s": self.pred_ema, "measured_verify_s": self.meas_ema}
+        if self.refit is not None:
+            m = self.refit.model
+            out.update(a_c=m.coeffs.a_c, b_c=m.coeffs.b_c, a_m=m.coeffs.a_m, b_m=m.coeffs.b_m,
+                       peak_flops=m.peak_flops, bandwidth=m.bandwidth, device=m.device_name)
+        return out
+
+    def reset_counters(self) -> None:
+        self.planned_steps = self.planned_nodes = 0
+
+
+def now() -> float:
+    return time.perf_counter()
