@@ -23,7 +23,8 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True, help="target model (path or hub id)")
     p.add_argument("--drafter", help="DFlash drafter: also measures the drafter forward (T_fix)")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="default: the model's own (max_position_embeddings)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--device-profile", help="roofline prior: device name or JSON path")
@@ -40,9 +41,11 @@ def main(argv=None) -> int:
 
     from vllm_bastion._patches import WORKER_EXTENSION
 
-    kw = dict(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+    kw = dict(model=args.model, dtype=args.dtype,
               tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager,
               worker_extension_cls=WORKER_EXTENSION)
+    if args.max_model_len is not None:
+        kw["max_model_len"] = args.max_model_len
     if args.drafter:
         kw["speculative_config"] = {"method": "bastion", "model": args.drafter, "calibrate": False}
     llm = LLM(**kw)

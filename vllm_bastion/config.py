@@ -91,6 +91,23 @@ class BastionConfig(BaseModel):
         "latency model, adding nodes while they raise expected tokens per second; "
         "'fixed': every tree grows to max_nodes.",
     )
+    drafting: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="'auto': before drafting, decide per request and step whether "
+        "drafting pays, by the budget's own expected-tokens-per-second rule (requests "
+        "that stop drafting are re-probed every reprobe_interval steps; when no "
+        "request drafts, the drafter does not run); 'always': every decoding request "
+        "drafts every step (as vLLM's chain); 'never': speculation off (BASTION's "
+        "overhead floor, for benchmarks). With budget 'fixed' or min_nodes > 0, 'auto' "
+        "means 'always'.",
+    )
+    reprobe_interval: int = Field(
+        default=32,
+        ge=1,
+        le=100000,
+        description="Decode steps after which a request that stopped drafting drafts "
+        "once more to re-measure its acceptance (also when the batch halves).",
+    )
     acceptance_calibration: bool = Field(
         default=True,
         description="Learn online how often a node is accepted given its parent was, "

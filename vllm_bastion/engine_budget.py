@@ -14,6 +14,7 @@ import torch
 
 from vllm_bastion.core.budget import plan_batch_budget
 from vllm_bastion.core.cost_model import LatencyModel, OnlineRefit
+from vllm_bastion.core.gating import LinearCost, plan_drafting
 
 
 def ema(prev: float | None, x: float, a: float = 0.1) -> float:
@@ -37,12 +38,17 @@ class EngineBudget:
         self.planned_nodes = 0
         self.pred_ema: float | None = None  # predicted verify seconds (last steps)
         self.meas_ema: float | None = None  # measured verify seconds (last steps)
+        self.draft_cost: LinearCost | None = None  # drafter + tree work vs drafting requests
+        self.t_base: float | None = None  # seconds per step outside verify and drafting
+        self._draft_s = 0.0  # drafting seconds of the current step
 
     # ------------------------------------------------------------ model
 
     def set_model(self, model: LatencyModel, source: str, fit_error: float | None) -> None:
         if self.t_fix is None:
             self.t_fix = model.t_fix  # until steps are measured: the drafter forward
+        if self.draft_cost is None:  # prior: the probed drafter forward at batch 1
+            self.draft_cost = LinearCost(model.t_fix, 0.1 * model.t_fix)
         self.refit = OnlineRefit(model)
         self.source = source
         self.fit_error = fit_error
@@ -68,12 +74,33 @@ class EngineBudget:
             if gap < 0.25:  # idle engines are not overhead
                 self.gap_ema = ema(self.gap_ema, gap)
 
+    def observe_draft(self, num_drafting: int, seconds: float) -> None:
+        """Drafter forward + tree build + budget of one step's drafting requests."""
+        self._draft_s = seconds
+        if self.draft_cost is not None:
+            self.draft_cost.update(num_drafting, seconds)
+
     def observe_outside(self, seconds: float, end: float) -> None:
         """Time of sampling + drafting + tree work of one step."""
-        self.t_fix = ema(self.t_fix, seconds + (self.gap_ema or 0.0))
-        if self.refit is not None and self.config.online_refit:
-            self.refit.update_fixed(self.t_fix)
+        gap = self.gap_ema or 0.0
+        if self._draft_s > 0:  # a speculating step: its fixed time (BASTION's T_fix)
+            self.t_fix = ema(self.t_fix, seconds + gap)
+            if self.refit is not None and self.config.online_refit:
+                self.refit.update_fixed(self.t_fix)
+        self.t_base = ema(self.t_base, max(seconds - self._draft_s, 0.0) + gap)
+        self._draft_s = 0.0
         self.last_end = end
+
+    def plan_drafting(self, gain, nodes, contexts, eligible, force) -> np.ndarray:
+        """[B] bool: which requests draft this step (core.gating)."""
+        d = plan_drafting(
+            torch.from_numpy(np.asarray(gain, dtype=np.float64)),
+            torch.from_numpy(np.asarray(nodes, dtype=np.float64)),
+            torch.from_numpy(np.asarray(contexts, dtype=np.float64)),
+            torch.from_numpy(np.asarray(eligible)), self.refit.model,
+            t_base=self.t_base or 0.0, draft_fixed=self.draft_cost.fixed,
+            draft_per_req=self.draft_cost.per_item, force=torch.from_numpy(np.asarray(force)))
+        return d.drafts.numpy()
 
     # ------------------------------------------------------------ plan
 
@@ -83,9 +110,13 @@ class EngineBudget:
         cfg = self.config
         caps = torch.from_numpy(np.where(decoding, cfg.max_nodes, 0)).long()
         model = self.refit.model
+        m = len(contexts)
+        if self.t_base is not None and self.draft_cost is not None:
+            t_fix = self.t_base + self.draft_cost(m)  # a step where these m requests draft
+        else:
+            t_fix = self.t_fix if self.t_fix is not None else model.fixed_time(m)
         decision = plan_batch_budget(
-            scores, torch.from_numpy(np.maximum(contexts, 0)), model,
-            t_fix=self.t_fix if self.t_fix is not None else model.fixed_time(len(contexts)),
+            scores, torch.from_numpy(np.maximum(contexts, 0)), model, t_fix=t_fix,
             min_nodes=torch.where(caps > 0, cfg.min_nodes, 0), max_nodes=caps, exact=True,
             max_total_nodes=max(0, room),
         )
@@ -98,7 +129,10 @@ class EngineBudget:
         out = {"source": self.source, "calibration_mape": self.fit_error,
                "refit_rel_error": self.err_ema, "t_fix_s": self.t_fix,
                "mean_planned_nodes": self.planned_nodes / max(self.planned_steps, 1),
-               "predicted_verify_s": self.pred_ema, "measured_verify_s": self.meas_ema}
+               "predicted_verify_s": self.pred_ema, "measured_verify_s": self.meas_ema,
+               "t_base_s": self.t_base,
+               "draft_fixed_s": self.draft_cost.fixed if self.draft_cost else None,
+               "draft_per_request_s": self.draft_cost.per_item if self.draft_cost else None}
         if self.refit is not None:
             m = self.refit.model
             out.update(a_c=m.coeffs.a_c, b_c=m.coeffs.b_c, a_m=m.coeffs.a_m, b_m=m.coeffs.b_m,

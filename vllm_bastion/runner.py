@@ -44,12 +44,14 @@ from vllm_bastion.core.compaction import permute_rows_
 from vllm_bastion.core.step import (
     StepPlan,
     finish_step,
+    pad_trees,
     plan_step,
     replace_rows,
     sampled_row_depths,
     spine_first,
 )
 from vllm_bastion.core.tree import TreeBatch, build_best_first_trees, chain_tree, path_classes
+from vllm_bastion.drafting import Backlog, context_slots, ragged_concat, ragged_rows, sub_batch_metadata
 from vllm_bastion.engine_budget import EngineBudget, now
 from vllm_bastion.kernels import HAS_TRITON, compact_kv, compact_kv_reference, pack_ancestor_bits
 from vllm_bastion.proposer import BastionProposer
@@ -65,6 +67,9 @@ from vllm_bastion.tree_attention import (
 )
 
 logger = init_logger("vllm.bastion")
+
+BACKLOG_TOKENS = 64  # context tokens a non-drafting request may owe the drafter
+GAIN_EMA = 0.25  # weight of the latest step in a request's drafting estimates
 
 
 class BastionTreeMismatch(RuntimeError):
@@ -94,7 +99,11 @@ class BastionRunnerMixin:
             AcceptanceCalibrator(cfg.draft_depth) if cfg.acceptance_calibration else None
         )
         self.bastion_stats.acceptance = self.bastion_acceptance
-        self.bastion_table = RequestTable(self.max_num_reqs)
+        self.bastion_table = RequestTable(self.max_num_reqs, on_new_slot=self._bastion_new_slot)
+        self._bastion_backlog: Backlog | None = None  # built at the first draft (feature size)
+        self._bastion_sched = np.zeros(0, dtype=np.int64)  # scheduled tokens per request
+        self._bastion_computed = np.zeros(0, dtype=np.int64)  # cached tokens per request
+        self._bastion_verified = None  # (nodes, accepted) per request of this step's trees
         if hasattr(self, "drafter"):
             self.drafter = BastionProposer(
                 self.vllm_config, self.device, self,
@@ -146,7 +155,10 @@ class BastionRunnerMixin:
         t0 = now()
         num_reqs = self.input_batch.num_reqs
         self.bastion_table.sync(self.input_batch.req_ids[:num_reqs], self.requests)
-        self._bastion_plan = self._bastion_plan_step(out[1], num_scheduled_tokens)
+        self._bastion_sched = np.asarray(num_scheduled_tokens[:num_reqs], dtype=np.int64)
+        self._bastion_computed = self.input_batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64)
+        self._bastion_verified = None
+        self._bastion_plan = self._bastion_plan_step(out[1])
         self.bastion_stats.timer.add("build_step", now() - t0)
         self._bastion_attach = True
         return out
@@ -188,13 +200,11 @@ class BastionRunnerMixin:
         ids = self.input_ids.cpu.numpy()
         return np.where(live, ids[np.where(live, rows, 0)], -1)
 
-    def _bastion_plan_step(self, spec_md, num_scheduled_tokens) -> StepPlan | None:
+    def _bastion_plan_step(self, spec_md) -> StepPlan | None:
         if spec_md is None:
             self._bastion_pending = None
             return None
-        num_reqs = self.input_batch.num_reqs
-        sched = np.asarray(num_scheduled_tokens[:num_reqs], dtype=np.int64)
-        self._bastion_sched = sched
+        sched = self._bastion_sched
         n = np.asarray(spec_md.num_draft_tokens, dtype=np.int64)
         trees = self._bastion_pending_trees(n)
         drafts = self._bastion_draft_tokens(n)
@@ -209,8 +219,7 @@ class BastionRunnerMixin:
                 "built. With tensor parallelism every rank must build the same trees; "
                 "this is a bug, please report it.")
         row_start = np.cumsum(sched) - sched
-        computed = self.input_batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64)
-        root_pos = computed + sched - 1 - n
+        root_pos = self._bastion_computed + sched - 1 - n
         plan = plan_step(trees, row_start, sched, root_pos, pack_bits=pack_ancestor_bits)
         if plan.num_branch_rows:
             # branch rows: RoPE position = root position + depth (slots stay sequential)
@@ -276,11 +285,7 @@ class BastionRunnerMixin:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
                 t1 = now()
-            num_reqs = self.input_batch.num_reqs
-            sched = np.asarray([scheduler_output.num_scheduled_tokens[r]
-                                for r in self.input_batch.req_ids[:num_reqs]], dtype=np.int64)
-            computed = self.input_batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64)
-            budget.observe_verify(sched, computed, t1 - t0, t0)
+            budget.observe_verify(self._bastion_sched, self._bastion_computed, t1 - t0, t0)
         return out
 
     def sample_tokens(self, grammar_output):
@@ -327,6 +332,7 @@ class BastionRunnerMixin:
         timer.add("compaction", now() - t2)
         self.bastion_stats.observe_step(trees.num_nodes, walk.num_accepted, walk.chain_accepted,
                                         trees.depths.max(dim=1).values)
+        self._bastion_verified = (trees.num_nodes.numpy(), walk.num_accepted.numpy())
         sampled = walk.output_tokens.to(device=self.device, dtype=torch.int32)
         return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=None)
 
@@ -368,45 +374,142 @@ class BastionRunnerMixin:
     # ------------------------------------------------------------ draft
 
     def _input_fits_in_drafter(self, common_attn_metadata) -> bool:
-        if common_attn_metadata is None:
-            return False
-        return (
-            common_attn_metadata.max_seq_len + self.bastion_config.draft_depth + 1
-            <= self.effective_drafter_max_model_len
-        )
+        # BASTION decides per request (propose_draft_token_ids); vLLM's
+        # batch-wide check would skip feeding the drafter's context instead
+        return common_attn_metadata is not None
 
-    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata,
+                                hidden_states, sample_hidden_states, aux_hidden_states,
+                                spec_decode_metadata, common_attn_metadata, slot_mappings):
+        """Decide who drafts (core/gating.py), feed every request's new context
+        to the drafter now or later (vllm_bastion/drafting.py), draft for the
+        drafting requests only, and build, size and lay out their trees."""
         timer = self.bastion_stats.timer
         t0 = now()
-        super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
+        cfg = self.bastion_config
+        B = self.input_batch.num_reqs
+        req_ids = self.input_batch.req_ids[:B]
+        table = self.bastion_table
+        sched = self._bastion_sched[:B]
+        row_start = np.cumsum(sched) - sched
+        nodes, acc = self._bastion_verified if self._bastion_verified is not None else (
+            np.zeros(B, np.int64), np.zeros(B, np.int64))
+        self._bastion_verified = None
+        valid = np.where(nodes > 0, 1 + acc, sched)  # this step's context rows
+        ctx_end = self._bastion_computed[:B] + valid
+        decoding = ~self.discard_request_mask.np[:B].astype(bool)
+        self._bastion_learn(nodes, acc, decoding)
+        fits = ctx_end + cfg.draft_depth + 1 <= self.effective_drafter_max_model_len
+        eligible = decoding & fits
+        drafts = self._bastion_gate(eligible, ctx_end)
+        table["drafted"][:] = drafts
+        self.bastion_stats.observe_drafting(int(eligible.sum()), int(drafts.sum()))
+        next_ids, valid_count = self.drafter.prepare_next_token_ids_padded(
+            sampled_token_ids, self.requests, self.input_batch, self.discard_request_mask.gpu)
+        self._copy_valid_sampled_token_count(next_ids, valid_count)
+
+        backlog = self._bastion_get_backlog(aux_hidden_states)
+        slots = table["slot"]
+        later = ~drafts & decoding & fits & (backlog.count[slots] + valid <= backlog.capacity)
+        feed = ~drafts & ~later & fits
+        rows_of = {}
+
+        def context(sel):  # (backlog counts + current rows) features/positions of sel
+            idx = np.nonzero(sel)[0]
+            cur = ragged_rows(row_start[idx], valid[idx])
+            rows = torch.from_numpy(cur).to(self.device)
+            f_cur = torch.cat([h[rows] for h in aux_hidden_states], dim=-1)
+            p_cur = self.positions[rows]
+            bc, bf, bp = backlog.take(slots[idx])
+            return (idx, bc + valid[idx], ragged_concat(bc, bf, valid[idx], f_cur),
+                    ragged_concat(bc, bp, valid[idx], p_cur))
+
+        if later.any():
+            idx = np.nonzero(later)[0]
+            rows = torch.from_numpy(ragged_rows(row_start[idx], valid[idx])).to(self.device)
+            backlog.append(slots[idx], valid[idx],
+                           torch.cat([h[rows] for h in aux_hidden_states], dim=-1), self.positions[rows])
+        model = self.drafter.model
+        if feed.any():
+            idx, counts, f, p = context(feed)
+            req = torch.from_numpy(np.repeat(idx, counts)).to(self.device)
+            slot_map = context_slots(common_attn_metadata.block_table_tensor, req, p,
+                                     self.drafter.block_size)
+            model.precompute_and_store_context_kv(model.combine_hidden_states(f), p, slot_map)
         t1 = now()
-        timer.add("draft", t1 - t0)
-        topk = self.drafter.take_topk()
-        num_reqs = self.input_batch.num_reqs
-        req_ids = self.input_batch.req_ids[:num_reqs]
-        if topk is None:
+        timer.add("draft_context", t1 - t0)
+        if not drafts.any():
             self._bastion_pending = None
             return [[] for _ in req_ids]
-        logp, toks = (t[:num_reqs].cpu() for t in topk)
+
+        idx, counts, f, p = context(drafts)
+        sub = sub_batch_metadata(common_attn_metadata, idx, counts, ctx_end[idx], self.device)
+        sel = torch.from_numpy(idx).to(self.device)
+        self.drafter.propose(
+            num_speculative_tokens=cfg.draft_depth, target_token_ids=p, target_positions=p,
+            target_hidden_states=f, next_token_ids=next_ids[sel], token_indices_to_sample=None,
+            common_attn_metadata=sub, sampling_metadata=sampling_metadata, mm_embed_inputs=None,
+            num_rejected_tokens_gpu=None, slot_mappings=slot_mappings)
+        logp, toks = (t.cpu() for t in self.drafter.take_topk())
+        t2 = now()
+        timer.add("draft", t2 - t1)
         cal = self.bastion_acceptance
         trees = build_best_first_trees(
-            logp, toks, max_nodes=self.bastion_config.max_nodes,
+            logp, toks, max_nodes=cfg.max_nodes,
             class_values=cal.class_values(logp) if cal is not None else None)
-        t2 = now()
-        timer.add("tree_build", t2 - t1)
+        t3 = now()
+        timer.add("tree_build", t3 - t2)
         budget = self._bastion_budget
         if budget is not None and budget.ready:
-            n_valid = (sampled_token_ids[:num_reqs] >= 0).sum(dim=1).cpu().numpy()
-            contexts = self.input_batch.num_tokens_no_spec[:num_reqs] + n_valid - 1
-            decoding = ~self.discard_request_mask.np[:num_reqs].astype(bool) & (n_valid > 0)
-            room = self.max_num_tokens - num_reqs * (1 + self.bastion_config.draft_depth)
-            n = budget.plan(trees.scores, contexts, decoding, room)
-            n = _same_on_all_tp_ranks(n)
-            trees = trees.truncate(n)
-            timer.add("budget", now() - t2)
+            room = self.max_num_tokens - B - len(idx) * cfg.draft_depth
+            n = budget.plan(trees.scores, ctx_end[idx] - 1, np.ones(len(idx), bool), room)
+            trees = trees.truncate(_same_on_all_tp_ranks(n))
+            timer.add("budget", now() - t3)
         trees, _ = spine_first(trees)
-        self._bastion_pending = (trees, list(req_ids))
-        return trees.node_lists()
+        full = _scatter_trees(trees, idx, B)
+        self._bastion_pending = (full, list(req_ids))
+        if budget is not None:
+            budget.observe_draft(len(idx), now() - t1)
+        return full.node_lists()
+
+    def _bastion_learn(self, nodes: np.ndarray, acc: np.ndarray, decoding: np.ndarray) -> None:
+        """Update every request's drafting estimates from this step's walk."""
+        t = self.bastion_table
+        drafted = t["drafted"]
+        w = GAIN_EMA
+        t["gain"][drafted] = (1 - w) * t["gain"][drafted] + w * acc[drafted]
+        had = drafted & (nodes > 0)
+        t["nodes"][had] = (1 - w) * t["nodes"][had] + w * nodes[had]
+        t["idle"][drafted] = 0
+        t["probe_batch"][drafted] = len(drafted)
+        t["idle"][~drafted & decoding] += 1
+
+    def _bastion_gate(self, eligible: np.ndarray, contexts: np.ndarray) -> np.ndarray:
+        """Which requests draft this step: core.gating's rule under the 'auto'
+        budget, every eligible request with a fixed budget, none when
+        speculation is off. Identical on every TP rank (rank 0 decides)."""
+        cfg = self.bastion_config
+        budget = self._bastion_budget
+        if cfg.drafting == "never" or not eligible.any():
+            return np.zeros_like(eligible)
+        if cfg.drafting == "always" or budget is None or not budget.ready or cfg.min_nodes > 0:
+            return eligible.copy()
+        t = self.bastion_table
+        B = len(eligible)
+        force = eligible & ((t["idle"] >= cfg.reprobe_interval) | (2 * B <= t["probe_batch"]))
+        decision = budget.plan_drafting(t["gain"], t["nodes"], contexts, eligible, force)
+        return _same_on_all_tp_ranks(torch.from_numpy(decision).long()).numpy().astype(bool)
+
+    def _bastion_get_backlog(self, aux_hidden_states) -> Backlog:
+        if self._bastion_backlog is None:
+            F = sum(h.shape[-1] for h in aux_hidden_states)
+            self._bastion_backlog = Backlog(
+                self.max_num_reqs, BACKLOG_TOKENS, F, aux_hidden_states[0].dtype, self.device)
+        return self._bastion_backlog
+
+    def _bastion_new_slot(self, slot: int) -> None:
+        if self._bastion_backlog is not None:
+            self._bastion_backlog.clear([slot])
 
     def _copy_draft_token_ids_to_cpu(self, scheduler_output, zeros_only: bool = False):
         if zeros_only:
@@ -415,6 +518,22 @@ class BastionRunnerMixin:
             self._draft_token_ids = [[] for _ in self.input_batch.req_ids]
             self._bastion_pending = None
         return super()._copy_draft_token_ids_to_cpu(scheduler_output, zeros_only=False)
+
+
+def _scatter_trees(trees: TreeBatch, rows: np.ndarray, batch_size: int) -> TreeBatch:
+    """Trees of the drafting requests placed at their batch rows; the other
+    rows get empty trees (root only)."""
+    if len(rows) == batch_size:
+        return trees
+    full = chain_tree([[] for _ in range(batch_size)])
+    full = pad_trees(full, trees.width)
+    idx = torch.from_numpy(rows)
+    for k in TreeBatch.__dataclass_fields__:
+        x = getattr(full, k)
+        y = getattr(trees, k)
+        if x is not None and y is not None:
+            x[idx] = y
+    return full
 
 
 def _with_chains(trees: TreeBatch, rows: np.ndarray, n: np.ndarray, drafts: np.ndarray) -> TreeBatch:

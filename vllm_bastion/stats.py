@@ -27,6 +27,10 @@ class BastionStats:
     max_depth_sum: int = 0  # deepest node per tree, summed
     accepted_by_depth: list[int] = field(default_factory=list)
     trees_by_depth: list[int] = field(default_factory=list)  # trees reaching depth d
+    gated_steps: int = 0  # steps where BASTION decided who drafts
+    draft_eligible: int = 0  # request-steps that could draft
+    drafting: int = 0  # request-steps that drafted
+    steps_without_drafter: int = 0  # steps where nobody drafted (drafter not run)
 
     def observe(self, nodes, accepted, chain, depths) -> None:
         """One verify step: per tree (requests with nodes only) its node count,
@@ -60,6 +64,7 @@ class BastionStats:
             mean_chain_accepted=self.chain_accepted / t,
             mean_tokens_per_step=1 + self.accepted / t,
             mean_max_depth=self.max_depth_sum / t,
+            drafting_fraction=self.drafting / max(self.draft_eligible, 1),
         )
         return out
 
@@ -106,6 +111,14 @@ class StatsLogger:
             out["acceptance_calibration"] = self.acceptance.summary()
         out["time_per_step"] = self.timer.summary()
         return out
+
+    def observe_drafting(self, eligible: int, drafting: int) -> None:
+        """Requests that could draft this step, and those that did."""
+        for st in (self.total, self.window):
+            st.draft_eligible += eligible
+            st.drafting += drafting
+            st.gated_steps += 1
+            st.steps_without_drafter += int(drafting == 0)
 
     def observe_step(self, nodes, accepted, chain, depths) -> None:
         """A verify step's per-request tensors [B]; requests without a tree

@@ -1,0 +1,155 @@
+"""Whether each request drafts this step: BASTION's rule, applied before drafting. Pure torch.
+
+The budget (core/budget.py) sizes trees once the drafter has run, by
+maximizing the batch's expected tokens per second. When drafting itself
+cannot pay (the drafter's cost, or the verify cost of any tree, exceeds what
+the trees would gain) the right tree is no tree and the right drafter run is
+no run. This module makes that decision *before* the drafter runs, with the
+same criterion and what BASTION has learned so far:
+
+  per request  gain[r]   expected draft tokens accepted per step if it drafts
+                         (moving average of its own accepted nodes),
+               nodes[r]  expected tree size if it drafts (moving average);
+  per engine   the calibrated latency model C(batch) of the verify forward,
+               the drafter's cost  t_d(m) = draft_fixed + draft_per_req * m
+               for m drafting requests, and the rest of a step (t_base).
+
+A step where the requests in S draft is expected to emit
+    E(S) = B + sum_{r in S} gain[r]      tokens in
+    T(S) = t_base + [S nonempty] t_d(|S|) + C(tokens(S))  seconds,
+with tokens(S) = each request's base tokens + nodes[r] for r in S. Requests
+are ranked by gain per unit of marginal cost, and S is the best prefix of
+that ranking by E/T (every prefix evaluated at once with cumulative sums,
+no loop). Requests forced to probe (`force`: they have not drafted for a
+while, so their gain estimate is stale) always draft; the empty set is
+allowed, and then the drafter does not run at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .cost_model import LatencyModel
+
+_F64 = torch.float64
+
+
+@dataclass
+class DraftDecision:
+    drafts: torch.Tensor  # [B] bool, requests that draft this step
+    expected_tokens: float  # E(S)
+    round_time: float  # T(S), seconds
+    no_draft_round_time: float  # T(empty), seconds
+
+    @property
+    def speedup_estimate(self) -> float:
+        b = self.drafts.numel()
+        return (self.expected_tokens / self.round_time) / (b / self.no_draft_round_time) if b else 1.0
+
+
+def _verify_cost(latency: LatencyModel, s_sum, quad, c_sum):
+    k, co = latency.costs, latency.coeffs
+    F = k.flops_per_token * s_sum + k.flops_attn * quad
+    M = k.bytes_fixed + k.bytes_per_token * s_sum + k.bytes_per_ctx * c_sum + k.bytes_attn * quad
+    return torch.maximum(co.a_c * F / latency.peak_flops + co.b_c, co.a_m * M / latency.bandwidth + co.b_m)
+
+
+def plan_drafting(
+    gain: torch.Tensor,
+    nodes: torch.Tensor,
+    contexts: torch.Tensor,
+    eligible: torch.Tensor,
+    latency: LatencyModel,
+    *,
+    t_base: float,
+    draft_fixed: float,
+    draft_per_req: float,
+    force: torch.Tensor | None = None,
+    base_tokens: torch.Tensor | None = None,
+) -> DraftDecision:
+    """Choose which requests draft this step (module docstring).
+
+    Args:
+        gain, nodes: [B] per-request expected accepted draft tokens and tree
+            size if the request drafts.
+        contexts: [B] tokens in each request's KV cache.
+        eligible: [B] bool, requests that may draft (decoding, room left).
+        latency: the calibrated verify-cost model.
+        t_base: seconds per step besides the verify forward and the drafter.
+        draft_fixed, draft_per_req: the drafter's cost model (seconds).
+        force: [B] bool, eligible requests that must draft (probes).
+        base_tokens: [B] tokens each request feeds without a tree (default 1).
+    """
+    B = gain.numel()
+    dev = gain.device
+    g = gain.to(_F64).clamp(min=0)
+    n = nodes.to(_F64).clamp(min=0)
+    c = contexts.to(_F64)
+    ok = eligible.to(torch.bool)
+    forced = ok & (force.to(torch.bool) if force is not None else torch.zeros(B, dtype=torch.bool, device=dev))
+    base = base_tokens.to(_F64) if base_tokens is not None else torch.ones(B, dtype=_F64, device=dev)
+
+    def quad_of(s):
+        return (s * (c + s)).sum()
+
+    # step with only the forced requests drafting
+    s0 = base + torch.where(forced, n, torch.zeros_like(n))
+    S0, Q0, C_sum = s0.sum(), quad_of(s0), c.sum()
+    E0 = float(B) + (g * forced).sum()
+    m0 = int(forced.sum())
+    # optional requests ranked by gain per unit of their own marginal verify cost
+    opt = ok & ~forced
+    dq = n * (c + 2 * base + n)  # (s + n)(c + s + n) - s(c + s)
+    marg = _verify_cost(latency, S0 + n, Q0 + dq, C_sum) - _verify_cost(latency, S0, Q0, C_sum)
+    key = torch.where(opt, g / (marg + draft_per_req).clamp(min=1e-12), torch.full_like(g, -1.0))
+    order = torch.sort(key, descending=True, stable=True).indices
+    take = opt[order]
+    zero = torch.zeros(1, dtype=_F64, device=dev)
+    cum_g = torch.cat([zero, torch.cumsum((g * opt)[order], 0)])
+    cum_n = torch.cat([zero, torch.cumsum((n * opt)[order], 0)])
+    cum_q = torch.cat([zero, torch.cumsum((dq * opt)[order], 0)])
+    m = m0 + torch.cat([zero, torch.cumsum(take.to(_F64), 0)])
+    T = (t_base + torch.where(m > 0, draft_fixed + draft_per_req * m, zero)
+         + _verify_cost(latency, S0 + cum_n, Q0 + cum_q, C_sum))
+    E = E0 + cum_g
+    theta = (E / T).masked_fill(~torch.cat([torch.ones(1, dtype=torch.bool, device=dev), take]),
+                                float("-inf"))
+    k = int(torch.argmax(theta))  # first maximum: the fewest drafters among ties
+    drafts = forced.clone()
+    drafts[order[:k]] |= take[:k]
+    t_empty = t_base + float(_verify_cost(latency, base.sum(), quad_of(base), C_sum))
+    return DraftDecision(drafts, float(E[k]), float(T[k]), t_empty)
+
+
+class LinearCost:
+    """seconds ~ fixed + per_item * m, fitted online (recursive least squares
+    with forgetting, started from a prior worth `prior_weight` samples)."""
+
+    def __init__(self, fixed: float, per_item: float, forgetting: float = 0.98,
+                 prior_weight: float = 4.0):
+        self.theta = torch.tensor([fixed, per_item], dtype=_F64)
+        # as if `prior_weight` samples at m = 0 and at m = 8 had agreed with the prior
+        self.P = torch.diag(torch.tensor([1.0, 1.0 / 64.0], dtype=_F64)) / prior_weight
+        self.lam = forgetting
+        self.samples = 0
+
+    @property
+    def fixed(self) -> float:
+        return max(float(self.theta[0]), 0.0)
+
+    @property
+    def per_item(self) -> float:
+        return max(float(self.theta[1]), 0.0)
+
+    def __call__(self, m: float) -> float:
+        return self.fixed + self.per_item * m if m > 0 else 0.0
+
+    def update(self, m: float, seconds: float) -> None:
+        x = torch.tensor([1.0, float(m)], dtype=_F64)
+        Px = self.P @ x
+        k = Px / (self.lam + x @ Px)
+        self.theta = self.theta + k * (seconds - x @ self.theta)
+        self.P = (self.P - torch.outer(k, Px)) / self.lam
+        self.samples += 1
