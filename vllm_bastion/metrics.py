@@ -9,11 +9,13 @@ front-end process reads every such file when /metrics is scraped.
 Exported (label model_name; counters get vLLM's `_total` suffix):
   vllm:bastion_tree_steps, vllm:bastion_trees, vllm:bastion_tree_nodes,
   vllm:bastion_accepted_tokens, vllm:bastion_chain_accepted_tokens,
-  vllm:bastion_accepted_tokens_per_depth{depth}                (counters)
+  vllm:bastion_accepted_tokens_per_depth{depth},
+  vllm:bastion_draft_eligible_requests, vllm:bastion_drafting_requests,
+  vllm:bastion_steps_without_drafter                           (counters)
   vllm:bastion_mean_tree_size, vllm:bastion_mean_accepted_length,
   vllm:bastion_planned_nodes_per_step, vllm:bastion_latency_model{coefficient},
-  vllm:bastion_latency_refit_rel_error, vllm:bastion_latency_calibration_mape
-                                                                (gauges)
+  vllm:bastion_latency_refit_rel_error, vllm:bastion_latency_calibration_mape,
+  vllm:bastion_drafting_fraction                               (gauges)
 (With several API server processes vLLM switches /metrics to prometheus'
 multiprocess mode, which these metrics do not join; the log line and
 `collective_rpc("bastion_stats")` still carry them.)
@@ -91,6 +93,10 @@ class _Collector:
             "coef": GaugeMetricFamily("vllm:bastion_latency_model", "Calibrated latency model: max(a_c*T_comp+b_c, a_m*T_mem+b_m) [s], T_fix [s]", labels=["model_name", "coefficient"]),
             "refit": GaugeMetricFamily("vllm:bastion_latency_refit_rel_error", "Online latency model |predicted-measured|/measured (EMA)", labels=["model_name"]),
             "mape": GaugeMetricFamily("vllm:bastion_latency_calibration_mape", "Start-up calibration fit error (MAPE)", labels=["model_name"]),
+            "eligible": CounterMetricFamily("vllm:bastion_draft_eligible_requests", "Request-steps that could draft (decoding)", labels=["model_name"]),
+            "drafting": CounterMetricFamily("vllm:bastion_drafting_requests", "Request-steps that drafted (speculation on)", labels=["model_name"]),
+            "idle": CounterMetricFamily("vllm:bastion_steps_without_drafter", "Steps where no request drafted (drafter not run)", labels=["model_name"]),
+            "frac": GaugeMetricFamily("vllm:bastion_drafting_fraction", "Fraction of decoding request-steps with speculation on", labels=["model_name"]),
         }
         for path, model in files.items():
             s = read_snapshot(path)
@@ -105,6 +111,10 @@ class _Collector:
                 fams["by_depth"].add_metric([model, str(d)], a)
             fams["mean_nodes"].add_metric([model], s.get("mean_nodes", 0.0))
             fams["mean_len"].add_metric([model], s.get("mean_tokens_per_step", 1.0))
+            fams["eligible"].add_metric([model], s.get("draft_eligible", 0))
+            fams["drafting"].add_metric([model], s.get("drafting", 0))
+            fams["idle"].add_metric([model], s.get("steps_without_drafter", 0))
+            fams["frac"].add_metric([model], s.get("drafting_fraction", 0.0))
             b = s.get("budget")
             if b:
                 fams["planned"].add_metric([model], b.get("mean_planned_nodes", 0.0))

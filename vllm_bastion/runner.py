@@ -104,6 +104,7 @@ class BastionRunnerMixin:
         self._bastion_sched = np.zeros(0, dtype=np.int64)  # scheduled tokens per request
         self._bastion_computed = np.zeros(0, dtype=np.int64)  # cached tokens per request
         self._bastion_verified = None  # (nodes, accepted) per request of this step's trees
+        self._bastion_draft_rows: np.ndarray | None = None
         if hasattr(self, "drafter"):
             self.drafter = BastionProposer(
                 self.vllm_config, self.device, self,
@@ -443,6 +444,7 @@ class BastionRunnerMixin:
             return [[] for _ in req_ids]
 
         idx, counts, f, p = context(drafts)
+        self._bastion_draft_rows = idx  # batch rows of the drafter's output rows
         sub = sub_batch_metadata(common_attn_metadata, idx, counts, ctx_end[idx], self.device)
         sel = torch.from_numpy(idx).to(self.device)
         self.drafter.propose(

