@@ -121,11 +121,17 @@ class BastionRunnerMixin:
     def load_model(self, *args, **kwargs):
         super().load_model(*args, **kwargs)
         self._bastion_layers = install_tree_attention(self.get_model())
+        self._bastion_target_groups: list[str] = []  # one target layer per metadata object
         logger.info("BASTION tree attention on %d target layers", len(self._bastion_layers))
 
     def initialize_kv_cache(self, *args, **kwargs):
         out = super().initialize_kv_cache(*args, **kwargs)
         self._bastion_kv_views = None
+        # layers of one attention group share one metadata object per step
+        self._bastion_target_groups = [
+            next(n for n in g.layer_names if n in self._bastion_layers)
+            for groups in self.attn_groups for g in groups
+            if any(n in self._bastion_layers for n in g.layer_names)]
         if not kwargs.get("is_profiling", False) and self._bastion_budget is not None:
             # calibrate at start-up (cached per device/model/...), not on the
             # first request; every TP rank probes in lockstep
@@ -241,16 +247,16 @@ class BastionRunnerMixin:
         if self._bastion_attach:
             plan = self._bastion_plan
             self._bastion_attach = False
-        info = None
+        info = None  # None: the backend computes every row
         if plan is not None and plan.num_branch_rows:
             info = self._bastion_tree_attention_step(plan, spec_cad)
+        # one metadata object per attention group (a builder may reuse it, so
+        # it is always set, also to None)
         mds = attn_metadata if isinstance(attn_metadata, list) else [attn_metadata]
         for per_layer in mds:
-            if not isinstance(per_layer, dict):
-                continue
-            for name in self._bastion_layers:
-                md = per_layer.get(name)
-                if md is not None:
+            if isinstance(per_layer, dict):
+                for md in {id(m): m for m in map(per_layer.get, self._bastion_target_groups)
+                           if m is not None}.values():
                     setattr(md, METADATA_ATTR, info)
         return attn_metadata, spec_cad
 
@@ -405,9 +411,6 @@ class BastionRunnerMixin:
         drafts = self._bastion_gate(eligible, ctx_end)
         table["drafted"][:] = drafts
         self.bastion_stats.observe_drafting(int(eligible.sum()), int(drafts.sum()))
-        next_ids, valid_count = self.drafter.prepare_next_token_ids_padded(
-            sampled_token_ids, self.requests, self.input_batch, self.discard_request_mask.gpu)
-        self._copy_valid_sampled_token_count(next_ids, valid_count)
 
         backlog = self._bastion_get_backlog(aux_hidden_states)
         slots = table["slot"]
@@ -443,6 +446,9 @@ class BastionRunnerMixin:
             self._bastion_pending = None
             return [[] for _ in req_ids]
 
+        next_ids, valid_count = self.drafter.prepare_next_token_ids_padded(
+            sampled_token_ids, self.requests, self.input_batch, self.discard_request_mask.gpu)
+        self._copy_valid_sampled_token_count(next_ids, valid_count)
         idx, counts, f, p = context(drafts)
         self._bastion_draft_rows = idx  # batch rows of the drafter's output rows
         sub = sub_batch_metadata(common_attn_metadata, idx, counts, ctx_end[idx], self.device)
