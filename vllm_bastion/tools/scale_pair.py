@@ -97,10 +97,10 @@ class PairShape:
 # a GPU a DFlash step (16 query tokens) is memory-bound like a decode step: z-lab-style 5-layer
 # drafters of 36-layer Qwen3 targets read ~20% of the target's bytes (with the shared lm_head).
 # Here the 2-layer drafter reads 9% of the 0.6b target's bytes (32.5M of 361M params), and on
-# this CPU 16 tokens cost ~2x one token, so its step lands near that GPU ratio (~0.2 of a target
-# step; 0.15-0.45 measured on a noisy shared 2-core machine); 4 layers (z-lab's 5/36 depth share
-# of 28) would read 16% and cost ~1.5x more. For a deeper drafter, pass a PairShape with more
-# drafter_layers (dead layers are added) to ensure_scaled_pair.
+# this CPU 16 tokens cost ~2x one token, so its step lands near that GPU ratio (0.1-0.35 of a
+# target decode step measured on a noisy shared 2-core machine, torch and vLLM); 4 layers
+# (z-lab's 5/36 depth share of 28) read 16% and cost ~1.3-1.5x more. For a deeper drafter, pass
+# a PairShape with more drafter_layers (dead layers are added) to ensure_scaled_pair.
 SHAPES: dict[str, PairShape] = {
     "0.6b": PairShape("0.6b", hidden_size=1024, num_attention_heads=16, num_key_value_heads=8,
                       intermediate_size=3072, num_hidden_layers=28, drafter_layers=2,
