@@ -13,7 +13,7 @@ can match. Hence the output is distributed exactly as autoregressive decoding
 with the target (lossless), for greedy and for sampling alike, provided the
 x_i at different depths are drawn independently.
 
-Vectorized: one step per tree depth over the whole batch.
+Vectorized over the batch, without a loop over tree depth (pointer jumping).
 """
 
 from __future__ import annotations
@@ -39,13 +39,22 @@ class WalkResult:
     #                              tested against the target's choice at its parent)
 
 
-def accept_walk(trees: TreeBatch, target_tokens: torch.Tensor) -> WalkResult:
+def accept_walk(trees: TreeBatch, target_tokens: torch.Tensor,
+                max_depth: int | None = None) -> WalkResult:
     """Walk every tree with the target's per-node tokens.
 
     Args:
-        trees: the verified trees ([B, W] tensors, see `TreeBatch`).
+        trees: the verified trees ([B, W] tensors, see `TreeBatch`); every
+            node's parent precedes it.
         target_tokens: [B, W] int, the target's token at every tree column
             (column 0 = root). Values in padding columns are ignored.
+        max_depth: the trees' deepest node, if the caller knows it (saves a
+            device-to-host read); default: read from trees.depths.
+
+    Vectorized without a loop over depth: a node is accepted iff it and all
+    its ancestors matched, computed by pointer jumping (log2(depth) rounds);
+    the accepted nodes are one root path (siblings carry distinct tokens), so
+    each depth's accepted node is scattered into the path directly.
     """
     B, W = trees.tokens.shape
     device = trees.tokens.device
@@ -56,48 +65,42 @@ def accept_walk(trees: TreeBatch, target_tokens: torch.Tensor) -> WalkResult:
             f"{tuple(target.shape)}"
         )
     valid = trees.valid_mask()
-    parents = trees.parents.clamp(min=0)
+    parents = trees.parents.clamp(min=0)  # the root (and padding) point at the root
     depths = trees.depths
-    max_depth = int(depths.max().item()) if W > 1 else 0
+    if max_depth is None:
+        max_depth = int(depths.max().item()) if W > 1 else 0
 
     # a node matches iff its token is what the target chose at its parent
     match = valid & (trees.tokens == target.gather(1, parents))
     match[:, 0] = True
     on_chain = valid & (trees.ranks == 0)
     on_chain[:, 0] = True
+    accepted, chain_ok = match, match & on_chain
+    anc = parents
+    for _ in range(max(1, max_depth).bit_length()):
+        accepted = accepted & accepted.gather(1, anc)
+        chain_ok = chain_ok & chain_ok.gather(1, anc)
+        anc = anc.gather(1, anc)
 
-    accepted = torch.zeros((B, W), dtype=torch.bool, device=device)
-    accepted[:, 0] = True
-    chain_ok = accepted.clone()
-    for d in range(1, max_depth + 1):
-        at_d = depths == d
-        acc_parent = accepted.gather(1, parents)
-        accepted |= at_d & match & acc_parent
-        chain_ok |= at_d & match & on_chain & chain_ok.gather(1, parents)
-
-    # accepted nodes form one root path (siblings carry distinct tokens)
     acc_depth = torch.where(accepted, depths, torch.full_like(depths, -1))
     num_accepted = acc_depth.max(dim=1).values.clamp(min=0)
     last_node = acc_depth.argmax(dim=1)
     chain_depth = torch.where(chain_ok, depths, torch.full_like(depths, -1))
     chain_accepted = chain_depth.max(dim=1).values.clamp(min=0)
 
-    # recover the path from the deepest accepted node up to the root
-    path = torch.full((B, max(max_depth, 1)), -1, dtype=torch.long, device=device)
-    node = last_node.clone()
-    rows = torch.arange(B, device=device)
-    for _ in range(max_depth):
-        d = depths[rows, node]
-        live = d > 0
-        if not bool(live.any()):
-            break
-        path[rows[live], d[live] - 1] = node[live]
-        node = torch.where(live, parents[rows, node], node)
+    # the accepted path: the accepted node of every depth 1..num_accepted
+    Dm = max(max_depth, 1)
+    cols = torch.arange(W, device=device).expand(B, W)
+    on_path = accepted & (depths >= 1)
+    slot = torch.where(on_path, depths - 1, torch.full_like(depths, Dm))  # Dm: dropped
+    path = torch.full((B, Dm + 1), -1, dtype=torch.long, device=device)
+    path.scatter_(1, slot, torch.where(on_path, cols, torch.full_like(cols, -1)))
+    path = path[:, :Dm]
 
     out = torch.full((B, max_depth + 1), PLACEHOLDER, dtype=torch.long, device=device)
     j = torch.arange(max_depth + 1, device=device)[None, :]
     path_pad = torch.cat([path, torch.zeros((B, 1), dtype=torch.long, device=device)], 1)
-    path_tokens = trees.tokens.gather(1, path_pad.clamp(min=0))
+    path_tokens = trees.tokens.gather(1, path_pad[:, : max_depth + 1].clamp(min=0))
     out = torch.where(j < num_accepted[:, None], path_tokens, out)
     bonus = target.gather(1, last_node[:, None])
     out.scatter_(1, num_accepted[:, None], bonus)
