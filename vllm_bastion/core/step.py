@@ -48,24 +48,24 @@ def spine_mask(trees: TreeBatch) -> torch.Tensor:
     """[B, W] bool: the root and the spine (each spine node is the first
     child, in column order, of the previous one). For best-first order the
     first child is the best child, and truncating a tree never changes which
-    of its nodes are on the spine."""
+    of its nodes are on the spine.
+
+    No loop over depth: a node is on the spine iff it and all its ancestors
+    are their parent's first child (pointer jumping over the ancestors)."""
     B, W = trees.tokens.shape
     dev = trees.tokens.device
     valid = trees.valid_mask()
     cols = torch.arange(W, device=dev).expand(B, W)
-    on = torch.zeros((B, W), dtype=torch.bool, device=dev)
-    on[:, 0] = True
-    tip = torch.zeros(B, dtype=torch.long, device=dev)  # current spine end
-    max_depth = int(trees.depths.max()) if W > 1 else 0
-    big = torch.full((B, W), W, dtype=torch.long, device=dev)
-    for _ in range(max_depth):
-        child = valid & (trees.parents == tip[:, None])
-        first = torch.where(child, cols, big).min(dim=1).values
-        has = first < W
-        if not bool(has.any()):
-            break
-        on[has, first[has]] = True
-        tip = torch.where(has, first, tip)
+    parents = trees.parents.clamp(min=0)
+    child = valid & (cols > 0)
+    first = torch.full((B, W), W, dtype=torch.long, device=dev)  # first child of each column
+    first.scatter_reduce_(1, parents, torch.where(child, cols, torch.full_like(cols, W)),
+                          reduce="amin", include_self=True)
+    on = (child & (first.gather(1, parents) == cols)) | (cols == 0)
+    anc = parents
+    for _ in range(max(1, W - 1).bit_length()):
+        on = on & on.gather(1, anc)
+        anc = anc.gather(1, anc)
     return on
 
 
