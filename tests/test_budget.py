@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from vllm_bastion.core.budget import choose_batch_budget, plan_batch_budget, snap_to_bucket, surrogate
-from vllm_bastion.core.cost_model import LatencyModel, ModelShape, RooflineCoeffs, load_device_prior
+from vllm_bastion.profiles import load_device_prior
+from vllm_bastion.core.latency import LatencyModel, RooflineCoeffs
+from vllm_bastion.core.model_shape import ModelShape
 from vllm_bastion.core.tree import build_best_first_trees, topk_per_depth
 
 from hf_configs import LLAMA31_8B, QWEN3_8B

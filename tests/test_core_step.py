@@ -121,7 +121,6 @@ def test_finish_step_walks_like_the_reference_and_compacts(seed):
     # the target's token at every sampled row: follow a random tree path, then random
     rows_tok = []
     for b in range(5):
-        paths = node_paths(trees, b)
         cols = list(range(int(n[b]) + 1))
         tgt = torch.randint(0, 64, (len(cols),), generator=g)
         # make the target agree with a random root-to-node path

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_bastion.core.cost_model import DevicePrior, LatencyModel, ModelShape, RooflineCoeffs
+from vllm_bastion.core.latency import DevicePrior, LatencyModel, RooflineCoeffs
+
+from vllm_bastion.core.model_shape import ModelShape
 from vllm_bastion.core.gating import LinearCost, plan_drafting
 from vllm_bastion.drafting import Backlog, ragged_concat, ragged_rows
 from vllm_bastion.request_table import RequestTable

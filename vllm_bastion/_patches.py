@@ -165,8 +165,7 @@ def _use_piecewise_cuda_graphs(args) -> None:
 def _check_device_profile(name: str) -> None:
     import os
 
-    from vllm_bastion.core.cost_model import load_device_prior, load_device_priors
-
+    from vllm_bastion.profiles import load_device_prior, load_device_priors
     if os.path.isfile(name):
         return
     if load_device_prior(name).fallback and "cpu" not in name.lower():

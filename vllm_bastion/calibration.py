@@ -4,7 +4,7 @@ The probe times the target's verify forward through vLLM's own
 `_dummy_run` (the same compiled model, attention backend and kernels that
 serve requests) for a grid of (new tokens, context) shapes, plus the LM head
 on every row, and fits the roofline coefficients of
-`vllm_bastion.core.cost_model`. The fit is cached on disk, keyed by device,
+`vllm_bastion.core.latency` (fit: core.latency_fit). The fit is cached on disk (vllm_bastion.profiles), keyed by device,
 model, dtype, vLLM version and execution mode, and reused at the next start.
 
 CLI: python -m vllm_bastion.calibrate --model TARGET [--drafter DRAFTER]
@@ -21,16 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vllm_bastion.core.cost_model import (
-    DevicePrior,
-    FitResult,
-    LatencyModel,
-    ModelShape,
-    fit_latency_model,
-    load_device_prior,
-    load_profile_entry,
-    save_profile,
-)
+from vllm_bastion.core.latency import DevicePrior, LatencyModel
+from vllm_bastion.core.latency_fit import FitResult, fit_latency_model
+from vllm_bastion.core.model_shape import ModelShape
+from vllm_bastion.profiles import load_device_prior, load_profile_entry, save_profile
 
 PROBE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PROBE_CONTEXTS = (64, 512, 2048)

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from vllm_bastion.core.budget import plan_batch_budget
-from vllm_bastion.core.cost_model import LatencyModel, OnlineRefit
+from vllm_bastion.core.latency import LatencyModel
+from vllm_bastion.core.latency_refit import OnlineRefit
 from vllm_bastion.core.gating import LinearCost, plan_drafting
 
 

@@ -416,7 +416,6 @@ class BastionRunnerMixin:
         slots = table["slot"]
         later = ~drafts & decoding & fits & (backlog.count[slots] + valid <= backlog.capacity)
         feed = ~drafts & ~later & fits
-        rows_of = {}
 
         def context(sel):  # (backlog counts + current rows) features/positions of sel
             idx = np.nonzero(sel)[0]

@@ -6,7 +6,7 @@ sync (no `.item()`), so the engine can keep the decision on the GPU.
 Objective. A verify step of B requests with trees T_1..T_B emits, in
 expectation, S = sum_i S(T_i) tokens, where S(T) = sum_{u in T} P(u) is the
 path-confidence surrogate (root included, P(root) = 1; papers.md 1.2 step 2).
-It costs T_fix + C(batch) seconds (cost_model.LatencyModel). We maximize the
+It costs T_fix + C(batch) seconds (core.latency.LatencyModel). We maximize the
 batch's expected tokens per second
 
     Theta = S / (T_fix + C).
@@ -41,8 +41,7 @@ from typing import Any
 
 import torch
 
-from .cost_model import LatencyModel
-
+from .latency import LatencyModel
 __all__ = [
     "BudgetDecision",
     "surrogate",

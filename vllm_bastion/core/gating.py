@@ -31,8 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cost_model import LatencyModel
-
+from .latency import LatencyModel
 _F64 = torch.float64
 
 

@@ -8,24 +8,17 @@ import math
 import numpy as np
 import pytest
 
-from vllm_bastion.core.cost_model import (
-    DevicePrior,
-    LatencyModel,
-    ModelShape,
-    OnlineRefit,
-    RobustEma,
-    RooflineCoeffs,
-    UnsupportedModelError,
+from vllm_bastion.core.latency import DevicePrior, LatencyModel, RooflineCoeffs
+from vllm_bastion.core.latency_fit import fit_latency_model, probe_plan
+from vllm_bastion.core.latency_refit import OnlineRefit, RobustEma
+from vllm_bastion.core.model_shape import ModelShape, UnsupportedModelError, verify_bytes, verify_flops
+from vllm_bastion.profiles import (
     default_roofline_dir,
-    fit_latency_model,
     load_device_prior,
     load_device_priors,
     load_profile,
     load_profile_entry,
-    probe_plan,
     save_profile,
-    verify_bytes,
-    verify_flops,
 )
 
 from hf_configs import LLAMA31_8B, QWEN3_8B
