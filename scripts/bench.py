@@ -12,7 +12,8 @@ length, the drafter's block size - 1); `dflash-1/2/4/8` (hand-tuned chain
 lengths; the best of them per batch size is "the best-tuned chain");
 `bastion` (defaults); `bastion-off` (speculation forced off: BASTION's
 overhead floor); `bastion-top1` (top-1 trees of the default chain length:
-the same drafts as `dflash`). vLLM 0.32's own adaptive chain length
+the same drafts as `dflash`); `bastion-fixed-N` (top-8 trees of exactly N
+nodes: their cost per step against `dflash-N`'s). vLLM 0.32's own adaptive chain length
 (`enable_adaptive_verification`) needs the V2 model runner and FULL CUDA
 graphs, so it cannot run on CPU; it is listed as unavailable.
 
@@ -185,6 +186,11 @@ def summarize(results: list[dict]) -> list[dict]:
             if "bastion-top1" in by and "dflash" in by:
                 row["top1_vs_default_chain"] = (by["bastion-top1"]["tokens_per_s"]
                                                / by["dflash"]["tokens_per_s"])
+            for m, r in by.items():  # a tree of N nodes vs a chain of N drafts, per step
+                if m.startswith("bastion-fixed-") and f"dflash-{m.rsplit('-', 1)[1]}" in by:
+                    c = by[f"dflash-{m.rsplit('-', 1)[1]}"]
+                    if r.get("ms_per_step") and c.get("ms_per_step"):
+                        row[f"step_cost_{m}_vs_chain"] = r["ms_per_step"] / c["ms_per_step"]
             rows.append(row)
     return rows
 
@@ -194,8 +200,8 @@ def _f(x, fmt="{:.1f}"):
 
 
 def markdown_tables(results: list[dict], summary: list[dict]) -> str:
-    lines = ["| mode | batch | method | tok/s | accepted len | nodes/drafted step | drafting | vs AR |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| mode | batch | method | tok/s | accepted len | nodes/drafted step | drafting | ms/step | vs AR |",
+             "|---|---|---|---|---|---|---|---|---|"]
     ar = {(r["mode"], r["batch_size"]): r["tokens_per_s"] for r in results if r["method"] == "ar"}
     for r in results:
         t = r.get("tree") or {}
@@ -203,7 +209,7 @@ def markdown_tables(results: list[dict], summary: list[dict]) -> str:
         lines.append(
             f"| {r['mode']} | {r['batch_size']} | {label(r['method'])} | {r['tokens_per_s']:.1f} | "
             f"{r['mean_accepted_length']:.2f} | {r['mean_drafted_per_step']:.1f} | "
-            f"{_f(t.get('drafting_fraction'), '{:.0%}')} | "
+            f"{_f(t.get('drafting_fraction'), '{:.0%}')} | {_f(r.get('ms_per_step'))} | "
             f"{_f(r['tokens_per_s'] / base if base else None, '{:.2f}x')} |")
     lines += ["", "| mode | batch | AR | default chain | best chain | BASTION | BASTION / AR | "
               "/ default chain | / best chain | / max(AR, best chain) | BASTION nodes | drafting | "
@@ -219,6 +225,13 @@ def markdown_tables(results: list[dict], summary: list[dict]) -> str:
             f"{_f(s.get('bastion_drafting_fraction'), '{:.0%}')} | "
             f"{_f(s.get('bastion_predicted_verify_ms'))} / {_f(s.get('bastion_measured_verify_ms'))} | "
             f"{_f(s.get('off_vs_ar'), '{:.2f}x')} | {_f(s.get('top1_vs_default_chain'), '{:.2f}x')} |")
+    costs = [(s["mode"], s["batch_size"], k, v) for s in summary for k, v in s.items()
+             if k.startswith("step_cost_")]
+    if costs:
+        lines += ["", "| mode | batch | tree vs chain of as many drafts | step time ratio |",
+                  "|---|---|---|---|"]
+        lines += [f"| {m} | {b} | {k[len('step_cost_'):-len('_vs_chain')]} | {v:.3f} |"
+                  for m, b, k, v in costs]
     return "\n".join(lines)
 
 

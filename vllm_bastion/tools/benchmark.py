@@ -34,6 +34,8 @@ RECOMMENDED_PRELOAD = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "li
 def label(method: str) -> str:
     if method.startswith("dflash-"):
         return f"vLLM DFlash chain {method.split('-', 1)[1]}"
+    if method.startswith("bastion-fixed-"):
+        return f"BASTION fixed {method.rsplit('-', 1)[1]} nodes"
     return LABELS[method]
 
 
@@ -133,6 +135,8 @@ def speculative_config(method: str, drafter: str, depth: int, extra: dict | None
         spec["drafting"] = "never"
     elif method == "bastion-top1":
         spec.update(topk=1, budget="fixed", max_nodes=depth)
+    elif method.startswith("bastion-fixed-"):  # trees of exactly N nodes
+        spec.update(budget="fixed", max_nodes=int(method.rsplit("-", 1)[1]))
     elif method != "bastion":
         raise ValueError(f"unknown method {method!r}")
     return {**spec, **(extra or {})}
@@ -195,6 +199,9 @@ def run_method(method: str, target: str, drafter: str, prompts: list[str], *, ba
         "tokens_per_s": tokens / wall,
         "mean_accepted_length": 1 + acc / drafts if drafts else 1.0,
         "mean_drafted_per_step": drafted / drafts if drafts else 0.0,
+        # engine steps that verified drafts (every request drafts every step
+        # for chains and fixed trees): wall time per such step
+        "ms_per_step": 1e3 * wall / (drafts / batch_size) if drafts else None,
         "acceptance_by_depth": by_depth,
         "tree": tree,
         "outputs": [list(o.outputs[0].token_ids) for o in outs],
