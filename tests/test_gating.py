@@ -135,3 +135,25 @@ def test_backlog_and_ragged_helpers():
     both = ragged_concat(counts, feats, np.array([1, 1]), cur)
     assert both[:, 0].tolist() == [4, 6, 8, 100, 0, 2, 9, 200]
     assert ragged_rows(np.array([5, 20]), np.array([2, 3])).tolist() == [5, 6, 20, 21, 22]
+
+
+def test_drafting_estimates_learn_and_relax_toward_the_engine_mean():
+    from vllm_bastion.core.gating import DraftingEstimates
+
+    est = DraftingEstimates(prior_gain=1.0, w=0.5, w_engine=0.5, tau=2.0)
+    gain, nodes_est, idle = np.array([1.0, 1.0, 1.0]), np.array([8.0, 8.0, 8.0]), np.zeros(3, np.int64)
+    drafted = np.array([True, True, False])
+    decoding = np.array([True, True, True])
+    est.update(gain, nodes_est, idle, drafted, np.array([10, 0, 0]), np.array([5, 0, 0]), decoding)
+    assert gain[0] == pytest.approx(3.0) and gain[1] == pytest.approx(0.5)
+    assert nodes_est.tolist() == [9.0, 8.0, 8.0]  # no tree verified: size estimate kept
+    assert idle.tolist() == [0, 0, 1]
+    engine = est.engine_gain
+    assert engine == pytest.approx(1.0 + 0.5 * (2.5 - 1.0))
+    # request 1 stops drafting: its estimate relaxes toward the engine mean, step by step
+    off = np.array([True, False, True])
+    before = gain[1]
+    for _ in range(6):
+        est.update(gain, nodes_est, idle, off, np.array([10, 0, 10]), np.array([5, 0, 5]), decoding)
+    assert before < gain[1] < est.engine_gain
+    assert idle[1] == 6 and idle[0] == 0

@@ -41,6 +41,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm_bastion.config import bastion_config_of
 from vllm_bastion.core.acceptance import NUM_CLASSES, AcceptanceCalibrator
 from vllm_bastion.core.compaction import permute_rows_
+from vllm_bastion.core.gating import DraftingEstimates
 from vllm_bastion.core.step import (
     StepPlan,
     finish_step,
@@ -69,7 +70,6 @@ from vllm_bastion.tree_attention import (
 logger = init_logger("vllm.bastion")
 
 BACKLOG_TOKENS = 64  # context tokens a non-drafting request may owe the drafter
-GAIN_EMA = 0.25  # weight of the latest step in a request's drafting estimates
 
 
 class BastionTreeMismatch(RuntimeError):
@@ -100,6 +100,7 @@ class BastionRunnerMixin:
         )
         self.bastion_stats.acceptance = self.bastion_acceptance
         self.bastion_table = RequestTable(self.max_num_reqs, on_new_slot=self._bastion_new_slot)
+        self.bastion_estimates = DraftingEstimates(tau=cfg.reprobe_interval / 4)
         self._bastion_backlog: Backlog | None = None  # built at the first draft (feature size)
         self._bastion_sched = np.zeros(0, dtype=np.int64)  # scheduled tokens per request
         self._bastion_computed = np.zeros(0, dtype=np.int64)  # cached tokens per request
@@ -483,13 +484,9 @@ class BastionRunnerMixin:
         """Update every request's drafting estimates from this step's walk."""
         t = self.bastion_table
         drafted = t["drafted"]
-        w = GAIN_EMA
-        t["gain"][drafted] = (1 - w) * t["gain"][drafted] + w * acc[drafted]
-        had = drafted & (nodes > 0)
-        t["nodes"][had] = (1 - w) * t["nodes"][had] + w * nodes[had]
-        t["idle"][drafted] = 0
+        self.bastion_estimates.update(t["gain"], t["nodes"], t["idle"], drafted, nodes, acc, decoding)
         t["probe_batch"][drafted] = len(drafted)
-        t["idle"][~drafted & decoding] += 1
+        t.defaults(gain=self.bastion_estimates.engine_gain)  # for requests yet to come
 
     def _bastion_gate(self, eligible: np.ndarray, contexts: np.ndarray) -> np.ndarray:
         """Which requests draft this step: core.gating's rule under the 'auto'

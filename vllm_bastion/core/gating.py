@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .latency import LatencyModel
@@ -152,3 +153,40 @@ class LinearCost:
         self.theta = self.theta + k * (seconds - x @ self.theta)
         self.P = (self.P - torch.outer(k, Px)) / self.lam
         self.samples += 1
+
+
+class DraftingEstimates:
+    """What each request is expected to gain from drafting, learned online.
+
+    After a step in which a request drafted, its expected gain (accepted
+    draft tokens per drafted step) moves toward what it accepted
+    (exponential average, weight `w`), and so does an engine-wide average.
+    While a request does not draft nothing is observed, so its estimate
+    relaxes toward the engine-wide average with time constant `tau` steps:
+    a request switched off by a few bad steps switches itself back on if
+    requests like it gain on average, while one whose text keeps defeating
+    the drafter stays off (and is re-probed anyway every reprobe interval).
+    New requests start at the engine-wide average. Arrays are per request
+    (numpy, modified in place); nothing loops over requests.
+    """
+
+    def __init__(self, prior_gain: float = 1.0, w: float = 0.2, w_engine: float = 0.05,
+                 tau: float = 8.0):
+        self.engine_gain = prior_gain
+        self.w, self.w_engine, self.relax = w, w_engine, 1.0 - float(np.exp(-1.0 / tau))
+
+    def update(self, gain, nodes_est, idle, drafted, nodes, accepted, decoding) -> None:
+        """gain/nodes_est/idle: per-request state (updated in place);
+        drafted: requests that drafted for this step; nodes/accepted: their
+        verified tree sizes and accepted nodes; decoding: decoding requests."""
+        w = self.w
+        acc = accepted.astype(np.float64)
+        gain[drafted] += w * (acc[drafted] - gain[drafted])
+        if drafted.any():
+            self.engine_gain += self.w_engine * (float(acc[drafted].mean()) - self.engine_gain)
+        had = drafted & (nodes > 0)
+        nodes_est[had] += w * (nodes[had] - nodes_est[had])
+        off = ~drafted & decoding
+        gain[off] += self.relax * (self.engine_gain - gain[off])
+        idle[drafted] = 0
+        idle[off] += 1
