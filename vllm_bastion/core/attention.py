@@ -7,7 +7,6 @@ A tree node attends to the request's cached prefix and to its own ancestors
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
@@ -19,25 +18,28 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed:
         allowed: [R, n, m] bool, query i of batch r may see key j.
         scale: softmax scale.
 
-    Returns [R, n, Hq, d] in q's dtype. GQA: Hq must be a multiple of Hkv.
-    A query that may see no key at all gets zeros. (torch's fused
-    scaled_dot_product_attention in float32: softmax(q k^T * scale) v.)
+    Returns [R, n, Hq, d] in q's dtype: softmax(q k^T * scale) v over the
+    allowed keys, GQA by grouping each kv head's Hq / Hkv query heads (no
+    K/V copy per query head). A query that may see no key at all gets
+    zeros. (Two batched matmuls in float32; torch's fused CPU attention
+    takes a slow path for masked float32 with GQA.)
     """
     R, n, Hq, d = q.shape
-    Hkv = k.shape[2]
+    m, Hkv = k.shape[1], k.shape[2]
     if Hq % Hkv:
         raise ValueError(f"query heads {Hq} must be a multiple of kv heads {Hkv}")
+    g = Hq // Hkv
+    qg = q.float().view(R, n, Hkv, g, d).permute(0, 2, 3, 1, 4).reshape(R, Hkv, g * n, d)
+    s = torch.matmul(qg, k.float().permute(0, 2, 3, 1)) * scale  # [R, Hkv, g*n, m]
+    vis = allowed[:, None, None].expand(R, Hkv, g, n, m).reshape(R, Hkv, g * n, m)
+    s = s.masked_fill(~vis, float("-inf"))
     empty = ~allowed.any(dim=-1)  # [R, n]
-    has_empty = bool(empty.any())
-    if has_empty:
-        allowed = allowed | empty[..., None]
-    out = F.scaled_dot_product_attention(
-        q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
-        attn_mask=allowed[:, None], scale=scale, enable_gqa=Hq != Hkv,
-    ).transpose(1, 2)
-    if has_empty:
-        out = out.masked_fill(empty[..., None, None], 0.0)
-    return out.to(q.dtype)
+    p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # rows that see nothing: zeros
+    o = torch.matmul(p, v.float().permute(0, 2, 1, 3))  # [R, Hkv, g*n, d]
+    o = o.view(R, Hkv, g, n, d).permute(0, 3, 1, 2, 4).reshape(R, n, Hq, d)
+    if bool(empty.any()):
+        o = o.masked_fill(empty[..., None, None], 0.0)
+    return o.to(q.dtype)
 
 
 def tree_attention_reference(
