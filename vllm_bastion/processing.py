@@ -28,14 +28,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vllm.model_executor.layers.utils import get_token_bin_counts_and_mask
 from vllm.v1.outputs import LogprobsTensors
 from vllm.v1.sample.logits_processor.builtin import MinTokensLogitsProcessor
 from vllm.v1.sample.sampler import Sampler
 
 from vllm_bastion.core.paths import (
     RowLayout,
-    add_path_counts,
     bad_word_bans,
     below_min_tokens,
     history_tails,
@@ -83,22 +81,6 @@ def committed_tail(input_batch, num_reqs: int, k: int) -> torch.Tensor:
     ok = idx >= start[:, None]
     vals = b.token_ids_cpu[np.arange(num_reqs)[:, None], np.clip(idx, 0, None)]
     return torch.from_numpy(np.where(ok, vals, -1).astype(np.int64))
-
-
-def committed_token_counts(input_batch, reqs: np.ndarray, vocab: int,
-                           device) -> torch.Tensor:
-    """[len(reqs), V + 1] int64 counts of every request's output tokens
-    (column V is padding)."""
-    b = input_batch
-    start = b.num_prompt_tokens[reqs].astype(np.int64)
-    n = committed_counts(b, reqs)
-    L = int(n.max()) if len(n) else 0
-    cols = np.arange(L)[None, :]
-    ok = cols < n[:, None]
-    toks = b.token_ids_cpu[reqs[:, None], np.where(ok, start[:, None] + cols, 0)]
-    toks = torch.from_numpy(np.where(ok, toks, vocab).astype(np.int64)).to(device)
-    counts = torch.zeros((len(reqs), vocab + 1), dtype=torch.long, device=device)
-    return counts.scatter_add_(1, toks, torch.ones_like(toks))
 
 
 class BadWordTable:
@@ -155,15 +137,8 @@ class NodeProcessor:
         paths = row_path_tokens(trees, layout) if (bad or len(pen)) else None
 
         # 1. allowed token ids (vLLM: True = not allowed)
-        if allowed is not None:
-            has = np.zeros(B, dtype=bool)
-            idx = [input_batch.req_id_to_index[r] for r in input_batch.has_allowed_token_ids
-                   if r in input_batch.req_id_to_index]
-            has[[i for i in idx if i < B]] = True
-            rows = torch.from_numpy(has)[layout.req].nonzero().squeeze(1)
-            if rows.numel():
-                rows_d = rows.to(dev)
-                x[rows_d] = x[rows_d].masked_fill_(allowed[req_d[rows_d]], NEG_INF)
+        if allowed is not None:  # (all False for requests without allowed ids)
+            x.masked_fill_(allowed[req_d], NEG_INF)
 
         # 2. bad words: the last token of a word whose prefix ends the row's history
         if bad:
@@ -216,6 +191,11 @@ class NodeProcessor:
 
     @staticmethod
     def _penalties(x, layout, paths, input_batch, sm, pen, B, V) -> None:
+        """vLLM's repetition / frequency / presence penalties, at the only
+        entries they change: the tokens of the prompt, the committed output
+        and the row's own path (elsewhere they are exact no-ops), with
+        vLLM's own arithmetic (`apply_repetition_penalties`, then frequency,
+        then presence)."""
         from vllm._custom_ops import apply_repetition_penalties
 
         dev = x.device
@@ -225,21 +205,57 @@ class NodeProcessor:
         rows = (lr >= 0).nonzero().squeeze(1)
         if not rows.numel():
             return
-        lr = lr[rows].to(dev)
-        pen_d = torch.from_numpy(pen).to(dev)
-        _, prompt_mask = get_token_bin_counts_and_mask(
-            sm.prompt_token_ids[pen_d], V, len(pen))
-        counts = committed_token_counts(input_batch, pen, V, dev)[lr]
-        add_path_counts(counts, paths[rows].to(dev))
-        counts = counts[:, :V]
-        out_mask = counts > 0
-        rows_d = rows.to(dev)
-        req = pen_d[lr]
-        sub = x[rows_d]
-        apply_repetition_penalties(sub, prompt_mask[lr], out_mask, sm.repetition_penalties[req])
-        sub -= sm.frequency_penalties[req].unsqueeze(dim=1) * counts
-        sub -= sm.presence_penalties[req].unsqueeze(dim=1) * out_mask
-        x[rows_d] = sub
+        uniq, out_count = seen_tokens(input_batch, pen, V)  # [Bp, U] sorted, V padded
+        lr = lr[rows]
+        req = torch.from_numpy(pen)[lr]
+        S, C = uniq[lr], out_count[lr]  # [Rp, U]
+        path = paths[rows]  # [Rp, D]
+        U, D = S.shape[1], path.shape[1]
+        on = path >= 0
+        # each path token: where it is among the seen tokens, its occurrences on the path
+        pos = torch.searchsorted(S, path.clamp(min=0)).clamp(max=U - 1)
+        found = on & (S.gather(1, pos) == path)
+        same = (path[:, :, None] == path[:, None, :]) & on[:, None, :]
+        earlier = same & torch.ones(D, D, dtype=torch.bool).tril(-1)  # an earlier equal token
+        first = on & ~earlier.any(dim=-1)
+        p_count = torch.where(found, C.gather(1, pos), 0.0) + same.sum(dim=-1)
+        # seen tokens on the path are written by their path entry (full count)
+        shadow = torch.zeros((len(rows), U), dtype=torch.int32)
+        shadow.scatter_add_(1, pos, found.int())
+        valid = torch.cat([(S < V) & (shadow == 0), first], dim=1)  # [Rp, U + D]
+        cols = torch.cat([S, path.clamp(min=0)], dim=1)
+        counts = torch.cat([C, p_count], dim=1)
+        r_idx = rows[:, None].expand_as(cols)
+        r_idx, cols, counts = (t[valid].to(dev) for t in (r_idx, cols, counts))
+        req = req[:, None].expand_as(valid)[valid].to(dev)
+        vals = x[r_idx, cols][:, None]  # [E, 1]: one entry per "sequence"
+        seen = torch.ones_like(vals, dtype=torch.bool)
+        apply_repetition_penalties(vals, seen, seen, sm.repetition_penalties[req])
+        vals -= sm.frequency_penalties[req].unsqueeze(dim=1) * counts[:, None]
+        vals -= sm.presence_penalties[req].unsqueeze(dim=1) * (counts[:, None] > 0)
+        x[r_idx, cols] = vals[:, 0]
+
+
+def seen_tokens(input_batch, reqs: np.ndarray, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every request's distinct prompt and output tokens, sorted ([n, U],
+    `vocab` padded), and how often each occurs in the output ([n, U] float32)."""
+    b = input_batch
+    end = b.num_tokens_no_spec[reqs].astype(np.int64)
+    start = b.num_prompt_tokens[reqs].astype(np.int64)
+    T = int(end.max()) if len(end) else 0
+    cols = np.arange(T)[None, :]
+    toks = np.where(cols < end[:, None], b.token_ids_cpu[reqs[:, None], np.minimum(cols, b.token_ids_cpu.shape[1] - 1)], vocab)
+    toks = torch.from_numpy(toks.astype(np.int64))
+    is_out = torch.from_numpy((cols >= start[:, None]) & (cols < end[:, None]))
+    s, order = toks.sort(dim=1, stable=True)
+    o = is_out.gather(1, order).float()
+    new = torch.ones_like(s, dtype=torch.bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]
+    run = torch.cumsum(new.long(), dim=1) - 1
+    U = int(run.max()) + 1 if run.numel() else 1
+    uniq = torch.full((len(reqs), U), vocab, dtype=torch.long).scatter_(1, run, s)
+    count = torch.zeros((len(reqs), U)).scatter_add_(1, run, o)
+    return uniq, count
 
 
 def wants_logprobs(sm) -> bool:

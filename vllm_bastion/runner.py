@@ -327,6 +327,7 @@ class BastionRunnerMixin:
         mode = self.model_config.logprobs_mode
         logprobs = wants_logprobs(sm)
         work = logits
+        t_p0 = now()
         if needs_node_processing(self.input_batch, sm):
             # penalties, bad words, min_tokens, allowed tokens: per node, with
             # the request's history plus the node's own path (processing.py)
@@ -335,10 +336,10 @@ class BastionRunnerMixin:
                 logits, plan.trees, layout, self.input_batch, sm,
                 keep_raw=logprobs and not mode.startswith("processed"))
         t_proc = now()
-        timer.add("node_processing", t_proc - t0)
+        timer.add("node_processing", t_proc - t_p0)
         tok, processed = target_tokens(work, counts, sm, seeds, pos_rows, return_processed=True)
         t1 = now()
-        timer.add("target_tokens", t1 - t_proc)
+        timer.add("target_tokens", t1 - t0 - (t_proc - t_p0))
 
         result = finish_step(plan, tok.cpu())
         walk = result.walk
@@ -547,8 +548,8 @@ class BastionRunnerMixin:
             # the tree shape of structured-output requests' drafts, for their
             # grammar on the scheduler side (structured_trees.py)
             full, ids = self._bastion_pending
-            rows = [i for i, rid in enumerate(ids)
-                    if full.num_nodes[i] > 0 and (st := self.requests.get(rid)) is not None
+            rows = [i for i in np.nonzero(full.num_nodes.numpy() > 0)[0].tolist()
+                    if (st := self.requests.get(ids[i])) is not None
                     and st.sampling_params is not None
                     and st.sampling_params.structured_outputs is not None]
             if rows:

@@ -89,15 +89,6 @@ def history_tails(committed_tail: torch.Tensor, layout: RowLayout,
     return both.gather(1, idx)
 
 
-def add_path_counts(counts: torch.Tensor, row_paths: torch.Tensor) -> torch.Tensor:
-    """counts [R, V + 1] += occurrences of every row's path tokens (in place;
-    column V collects the padding)."""
-    V = counts.shape[1] - 1
-    idx = torch.where(row_paths >= 0, row_paths, torch.full_like(row_paths, V))
-    counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=counts.dtype))
-    return counts
-
-
 def ragged_pairs(row_group: torch.Tensor, group_start: torch.Tensor,
                  group_count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """All (row, item) pairs where item is one of the items of the row's group.
