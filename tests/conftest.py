@@ -22,8 +22,11 @@ import pytest  # noqa: E402
 
 from tiny_models import make_drafter, make_target  # noqa: E402
 
+# structured outputs: no free whitespace in JSON, so the random-weight target's
+# JSON finishes (and parses) within a test's token budget
 ENGINE_KW = dict(dtype="float32", max_model_len=1024, seed=0, enforce_eager=True,
-                 max_num_seqs=32, disable_log_stats=False)
+                 max_num_seqs=32, disable_log_stats=False,
+                 structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
 
 
 @pytest.fixture(scope="session")

@@ -122,3 +122,52 @@ def test_attention_impl_contract():
     obj = CPUAttentionBackendImpl.__new__(CPUAttentionBackendImpl)
     obj.__class__ = sub  # the impl class swap BASTION does at load time
     assert isinstance(obj, CPUAttentionBackendImpl)
+
+
+def test_sampling_feature_internals_bastion_reads():
+    """What per-node processing (processing.py) and structured outputs on
+    trees (structured_trees.py) read or wrap in vLLM."""
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.outputs import DraftTokenIds
+    from vllm.v1.sample.logits_processor.builtin import MinTokensLogitsProcessor
+    from vllm.v1.sample.metadata import SamplingMetadata
+    from vllm.v1.sample.sampler import Sampler
+    from vllm.v1.structured_output import StructuredOutputManager
+    from vllm.v1.structured_output.backend_types import StructuredOutputGrammar
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    _patches.apply()
+    # the sampler's order BASTION replays per node
+    src = inspect.getsource(Sampler.apply_logits_processors)
+    assert (src.index("allowed_token_ids_mask") < src.index("apply_bad_words(")
+            < src.index("non_argmax_invariant") < src.index("apply_penalties("))
+    assert "apply_repetition_penalties(" in inspect.getsource(
+        __import__("vllm.model_executor.layers.utils", fromlist=["x"]).apply_penalties)
+    assert params(Sampler.gather_logprobs) == ["logprobs", "num_logprobs", "token_ids"]
+    assert params(Sampler.gather_specific_token_logprobs) == [
+        "self", "logprobs", "logprob_token_ids", "sampled"]
+    for f in ("no_penalties", "prompt_token_ids", "allowed_token_ids_mask", "max_num_logprobs",
+              "logprob_token_ids", "logitsprocs", "repetition_penalties"):
+        assert f in SamplingMetadata.__dataclass_fields__, f
+    for attr in ("token_ids_cpu", "num_tokens_no_spec", "num_prompt_tokens",
+                 "repetition_penalties_cpu", "frequency_penalties_cpu",
+                 "presence_penalties_cpu", "bad_words_token_ids"):
+        assert f"self.{attr}" in inspect.getsource(InputBatch.__init__), attr
+    assert "self.min_toks" in inspect.getsource(MinTokensLogitsProcessor.__init__)
+    # structured outputs: the wrapped scheduler methods and the grammar API walked per node
+    assert params(Scheduler.update_draft_token_ids) == ["self", "draft_token_ids"]
+    assert getattr(Scheduler.update_draft_token_ids, "__bastion_patched__", False)
+    assert getattr(Scheduler.schedule, "__bastion_patched__", False)
+    assert params(StructuredOutputManager.grammar_bitmask) == [
+        "self", "requests", "structured_output_request_ids", "scheduled_spec_decode_tokens"]
+    assert getattr(StructuredOutputManager.grammar_bitmask, "__bastion_patched__", False)
+    assert params(StructuredOutputManager._get_constraint_bounds)[:3] == [
+        "self", "request", "spec_tokens"]
+    for m in ("accept_tokens", "validate_tokens", "rollback", "fill_bitmask", "is_terminated"):
+        assert hasattr(StructuredOutputGrammar, m), m
+    assert "scheduled_spec_decode_tokens" in SchedulerOutput.__dataclass_fields__
+    assert list(DraftTokenIds.__dataclass_fields__) == ["req_ids", "draft_token_ids"]
+    assert "apply_grammar_bitmask(" in inspect.getsource(GPUModelRunner.sample_tokens)
+    assert params(GPUModelRunner.take_draft_token_ids) == ["self"]

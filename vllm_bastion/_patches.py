@@ -21,6 +21,12 @@ pinned by tests/test_patches.py (which fails if vLLM changes under them):
    module attribute is swapped for a factory; the GPU `Worker` gets its
    documented `_make_model_runner` hook wrapped. Both build BASTION's runner
    only when the config is a BASTION one; otherwise vLLM is untouched.
+6. Structured outputs on trees (scheduler side, vllm_bastion/structured_trees.py):
+   `Scheduler.update_draft_token_ids` prunes a structured-output request's
+   draft tree with its grammar, `Scheduler.schedule` tells the worker which
+   nodes were kept, `StructuredOutputManager.grammar_bitmask` fills one mask
+   per tree node. Each acts only on drafts that carry BASTION's tree shape
+   (set by BASTION's runner); otherwise it calls vLLM's own code.
 """
 
 from __future__ import annotations
@@ -245,17 +251,9 @@ def _max_num_new_slots_for_drafting(orig_fget, self):
 # ----------------------------------------------------------------- 4. requests
 
 UNSUPPORTED_REQUEST_FEATURES = (
-    # (predicate, name shown to the user)
-    (lambda p: p.presence_penalty != 0.0, "presence_penalty"),
-    (lambda p: p.frequency_penalty != 0.0, "frequency_penalty"),
-    (lambda p: p.repetition_penalty != 1.0, "repetition_penalty"),
-    (lambda p: p.min_tokens > 0, "min_tokens"),
-    (lambda p: bool(p.bad_words), "bad_words"),
-    (lambda p: bool(p.allowed_token_ids), "allowed_token_ids"),
-    (lambda p: p.logprobs is not None, "logprobs"),
-    (lambda p: p.prompt_logprobs is not None, "prompt_logprobs"),
-    (lambda p: bool(getattr(p, "logprob_token_ids", None)), "logprob_token_ids"),
-    (lambda p: p.structured_outputs is not None, "structured outputs (guided decoding / response_format)"),
+    # (predicate, name shown to the user). Everything else vLLM's own
+    # speculative decoding accepts is supported per tree node (processing.py,
+    # structured_trees.py); vLLM itself refuses min_p and logit_bias.
     (lambda p: getattr(p, "thinking_token_budget", None) is not None, "thinking_token_budget"),
 )
 
@@ -296,6 +294,20 @@ def _make_model_runner(orig, self):
 
         return BastionGPUModelRunner(self.vllm_config, self.device)
     return orig(self)
+
+
+# ----------------------------------------------------------------- 6. structured outputs
+
+
+def _apply_structured_output_patches() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    from vllm_bastion import structured_trees as st
+
+    _wrap_method(Scheduler, "update_draft_token_ids", st.update_draft_token_ids)
+    _wrap_method(Scheduler, "schedule", st.schedule)
+    _wrap_method(StructuredOutputManager, "grammar_bitmask", st.grammar_bitmask)
 
 
 # ----------------------------------------------------------------- apply
@@ -347,6 +359,7 @@ def apply() -> None:
         SpeculativeConfig, "max_num_new_slots_for_drafting", _max_num_new_slots_for_drafting
     )
     _wrap_method(SamplingParams, "_validate_spec_decode", _validate_spec_decode)
+    _apply_structured_output_patches()
 
     from vllm.platforms import current_platform
 

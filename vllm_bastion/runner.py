@@ -42,6 +42,7 @@ from vllm_bastion.config import bastion_config_of
 from vllm_bastion.core.acceptance import NUM_CLASSES, AcceptanceCalibrator
 from vllm_bastion.core.compaction import permute_rows_
 from vllm_bastion.core.gating import DraftingEstimates
+from vllm_bastion.core.paths import keep_columns, row_layout
 from vllm_bastion.core.step import (
     StepPlan,
     finish_step,
@@ -57,8 +58,10 @@ from vllm_bastion.engine_budget import EngineBudget, now
 from vllm_bastion.kernels import HAS_TRITON, compact_kv, compact_kv_reference, pack_ancestor_bits
 from vllm_bastion.proposer import BastionProposer
 from vllm_bastion.request_table import RequestTable
+from vllm_bastion.processing import NodeProcessor, needs_node_processing, tree_logprobs, wants_logprobs
 from vllm_bastion.sampling import target_tokens
 from vllm_bastion.stats import StatsLogger
+from vllm_bastion.structured_trees import KEPT_ATTR, PARENTS_ATTR
 from vllm_bastion import tree_attention as _tree_attention
 from vllm_bastion.tree_attention import (
     METADATA_ATTR,
@@ -106,6 +109,7 @@ class BastionRunnerMixin:
         self._bastion_computed = np.zeros(0, dtype=np.int64)  # cached tokens per request
         self._bastion_verified = None  # (nodes, accepted) per request of this step's trees
         self._bastion_draft_rows: np.ndarray | None = None
+        self._bastion_nodes = NodeProcessor()  # per-node penalties, bad words, ...
         if hasattr(self, "drafter"):
             self.drafter = BastionProposer(
                 self.vllm_config, self.device, self,
@@ -166,21 +170,24 @@ class BastionRunnerMixin:
         self._bastion_sched = np.asarray(num_scheduled_tokens[:num_reqs], dtype=np.int64)
         self._bastion_computed = self.input_batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64)
         self._bastion_verified = None
-        self._bastion_plan = self._bastion_plan_step(out[1])
+        self._bastion_plan = self._bastion_plan_step(
+            out[1], getattr(scheduler_output, KEPT_ATTR, None))
         self.bastion_stats.timer.add("build_step", now() - t0)
         self._bastion_attach = True
         return out
 
-    def _bastion_pending_trees(self, n: np.ndarray) -> TreeBatch:
-        """This step's trees: the pending trees of every request, truncated to
-        the nodes the scheduler scheduled; drafts of requests without a pending
-        tree (scheduled from an older step) are verified as chains."""
+    def _bastion_pending_trees(self, n: np.ndarray, kept: dict | None = None) -> TreeBatch:
+        """This step's trees: the pending trees of every request, restricted to
+        the nodes the grammar kept (structured outputs, `kept`: request id ->
+        kept node indices, see structured_trees.py) and truncated to the nodes
+        the scheduler scheduled; drafts of requests without a pending tree
+        (scheduled from an older step) are verified as chains."""
         num_reqs = len(n)
         req_ids = self.input_batch.req_ids[:num_reqs]
         pending, pending_ids = self._bastion_pending or (None, [])
         self._bastion_pending = None
         if pending is not None and pending_ids == req_ids:
-            trees = pending.truncate(torch.from_numpy(n))
+            trees = _keep_nodes(pending, kept, req_ids).truncate(torch.from_numpy(n))
             known = np.ones(num_reqs, dtype=bool)
         else:  # the batch changed since the trees were built
             index = {rid: i for i, rid in enumerate(pending_ids)}
@@ -188,6 +195,7 @@ class BastionRunnerMixin:
             known = src >= 0
             if pending is not None and known.any():
                 trees = pending.select(torch.from_numpy(np.maximum(src, 0)))
+                trees = _keep_nodes(trees, kept, req_ids)
                 trees = trees.truncate(torch.from_numpy(np.where(known, n, 0)))
             else:
                 trees = chain_tree([[] for _ in range(num_reqs)])
@@ -208,13 +216,13 @@ class BastionRunnerMixin:
         ids = self.input_ids.cpu.numpy()
         return np.where(live, ids[np.where(live, rows, 0)], -1)
 
-    def _bastion_plan_step(self, spec_md) -> StepPlan | None:
+    def _bastion_plan_step(self, spec_md, kept: dict | None = None) -> StepPlan | None:
         if spec_md is None:
             self._bastion_pending = None
             return None
         sched = self._bastion_sched
         n = np.asarray(spec_md.num_draft_tokens, dtype=np.int64)
-        trees = self._bastion_pending_trees(n)
+        trees = self._bastion_pending_trees(n, kept)
         drafts = self._bastion_draft_tokens(n)
         width = drafts.shape[1]
         if width and not np.array_equal(
@@ -322,9 +330,23 @@ class BastionRunnerMixin:
         seeds = None
         if table["has_seed"].any():
             seeds = (torch.from_numpy(table["seed"]), torch.from_numpy(table["has_seed"]))
-        tok = target_tokens(logits, counts, self.input_batch.sampling_metadata, seeds, pos_rows)
+        sm = self.input_batch.sampling_metadata
+        mode = self.model_config.logprobs_mode
+        logprobs = wants_logprobs(sm)
+        work = logits
+        t_p0 = now()
+        if needs_node_processing(self.input_batch, sm):
+            # penalties, bad words, min_tokens, allowed tokens: per node, with
+            # the request's history plus the node's own path (processing.py)
+            layout = row_layout(plan.trees)
+            work = self._bastion_nodes.process(
+                logits, plan.trees, layout, self.input_batch, sm,
+                keep_raw=logprobs and not mode.startswith("processed"))
+        t_proc = now()
+        timer.add("node_processing", t_proc - t_p0)
+        tok, processed = target_tokens(work, counts, sm, seeds, pos_rows, return_processed=True)
         t1 = now()
-        timer.add("target_tokens", t1 - t0)
+        timer.add("target_tokens", t1 - t0 - (t_proc - t_p0))
 
         result = finish_step(plan, tok.cpu())
         walk = result.walk
@@ -342,7 +364,14 @@ class BastionRunnerMixin:
                                         trees.depths.max(dim=1).values)
         self._bastion_verified = (trees.num_nodes.numpy(), walk.num_accepted.numpy())
         sampled = walk.output_tokens.to(device=self.device, dtype=torch.int32)
-        return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=None)
+        logprobs_tensors = None
+        if logprobs:
+            t3 = now()
+            logprobs_tensors = tree_logprobs(
+                logits, processed, mode, torch.cumsum(counts, 0) - counts, walk.output_tokens,
+                walk.path_nodes, walk.num_accepted, sm)
+            timer.add("logprobs", now() - t3)
+        return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=logprobs_tensors)
 
     def _bastion_compact(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Make every accepted path contiguous in the KV cache and activations."""
@@ -515,6 +544,22 @@ class BastionRunnerMixin:
         if self._bastion_backlog is not None:
             self._bastion_backlog.clear([slot])
 
+    def take_draft_token_ids(self):
+        out = super().take_draft_token_ids()
+        if out is not None and self._bastion_pending is not None:
+            # the tree shape of structured-output requests' drafts, for their
+            # grammar on the scheduler side (structured_trees.py)
+            full, ids = self._bastion_pending
+            rows = [i for i in np.nonzero(full.num_nodes.numpy() > 0)[0].tolist()
+                    if (st := self.requests.get(ids[i])) is not None
+                    and st.sampling_params is not None
+                    and st.sampling_params.structured_outputs is not None]
+            if rows:
+                par = full.parents.tolist()
+                setattr(out, PARENTS_ATTR, {
+                    ids[i]: par[i][1 : 1 + int(full.num_nodes[i])] for i in rows})
+        return out
+
     def _copy_draft_token_ids_to_cpu(self, scheduler_output, zeros_only: bool = False):
         if zeros_only:
             # vLLM zeroes drafts when the drafter cannot run (near max_model_len);
@@ -538,6 +583,21 @@ def _scatter_trees(trees: TreeBatch, rows: np.ndarray, batch_size: int) -> TreeB
         if x is not None and y is not None:
             x[idx] = y
     return full
+
+
+def _keep_nodes(trees: TreeBatch, kept: dict | None, req_ids: list[str]) -> TreeBatch:
+    """`trees` restricted to the nodes the scheduler kept (request id ->
+    1-based node indices; requests not in `kept` keep all their nodes)."""
+    if not kept:
+        return trees
+    rows = [(i, kept[rid]) for i, rid in enumerate(req_ids) if rid in kept]
+    if not rows:
+        return trees
+    keep = torch.ones(trees.tokens.shape, dtype=torch.bool)
+    for i, cols in rows:
+        keep[i, 1:] = False
+        keep[i, [c for c in cols if c < trees.width]] = True
+    return keep_columns(trees, keep)
 
 
 def _with_chains(trees: TreeBatch, rows: np.ndarray, n: np.ndarray, drafts: np.ndarray) -> TreeBatch:

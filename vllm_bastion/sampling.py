@@ -31,7 +31,8 @@ def target_tokens(
     sampling_metadata,
     seeds: tuple[torch.Tensor, torch.Tensor] | None,
     row_positions: torch.Tensor,
-) -> torch.Tensor:
+    return_processed: bool = False,
+):
     """One target token per logits row (int64 [R]).
 
     Args:
@@ -40,22 +41,31 @@ def target_tokens(
         sampling_metadata: the input batch's vLLM SamplingMetadata (per request).
         seeds: None, or (seed [B] int64, has_seed [B] bool), both on the CPU.
         row_positions: [R] (CPU) absolute position of the token each row predicts.
+        return_processed: also return the logits the tokens were chosen from
+            (vLLM's processed logprobs: the logits as given for an all-greedy
+            batch, else after temperature and top-k/top-p), as (tokens, logits).
 
     No host synchronization: which rows are seeded is known on the host.
     """
+    tok, processed = _target_tokens(logits, rows_per_req, sampling_metadata, seeds, row_positions)
+    return (tok, processed) if return_processed else tok
+
+
+def _target_tokens(logits, rows_per_req, sampling_metadata, seeds, row_positions):
     sm = sampling_metadata
     greedy = logits.argmax(dim=-1)
     if sm.all_greedy:
-        return greedy.long()
+        return greedy.long(), logits
     dev = logits.device
     counts = rows_per_req.cpu()
     temp = sm.temperature.to(dev).repeat_interleave(counts.to(dev))
-    lg = logits.to(torch.float32).div_(
+    # a float32 copy (the input may be needed later, e.g. for raw logprobs)
+    lg = logits.to(torch.float32, copy=logits.dtype == torch.float32).div_(
         torch.where(temp < _SAMPLING_EPS, 1.0, temp).unsqueeze(1))  # as vLLM's sampler
     k = sm.top_k.to(dev).repeat_interleave(counts.to(dev)) if sm.top_k is not None else None
     p = sm.top_p.to(dev).repeat_interleave(counts.to(dev)) if sm.top_p is not None else None
     lg = apply_top_k_top_p(lg, k, p)
-    probs = lg.softmax(dim=-1, dtype=torch.float32)
+    probs = lg.softmax(dim=-1, dtype=torch.float32)  # a new tensor: lg stays
 
     q = torch.empty_like(probs).exponential_()
     if seeds is not None:
@@ -69,5 +79,5 @@ def target_tokens(
                 probs.shape[1])
     sampled = probs.div_(q).argmax(dim=-1)
     if sm.all_random:
-        return sampled.long()
-    return torch.where(temp < _SAMPLING_EPS, greedy, sampled).long()
+        return sampled.long(), lg
+    return torch.where(temp < _SAMPLING_EPS, greedy, sampled).long(), lg

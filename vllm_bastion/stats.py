@@ -73,8 +73,9 @@ class PhaseTimer:
     """Host wall time per step phase (on CPU that is the phase's cost; on GPU,
     where kernels run asynchronously, it is the host-side overhead)."""
 
-    PHASES = ("build_step", "verify_forward", "tree_attention", "target_tokens", "walk",
-              "compaction", "draft", "tree_build", "budget", "sample_total", "step_total")
+    PHASES = ("build_step", "verify_forward", "tree_attention", "node_processing",
+              "target_tokens", "walk", "compaction", "logprobs", "draft", "tree_build", "budget",
+              "sample_total", "step_total")
 
     def __init__(self):
         self.total = {p: 0.0 for p in self.PHASES}
