@@ -171,3 +171,83 @@ def test_sampling_feature_internals_bastion_reads():
     assert list(DraftTokenIds.__dataclass_fields__) == ["req_ids", "draft_token_ids"]
     assert "apply_grammar_bitmask(" in inspect.getsource(GPUModelRunner.sample_tokens)
     assert params(GPUModelRunner.take_draft_token_ids) == ["self"]
+
+
+# ------------------------------------------------- 7. refusals before the stream
+
+
+def _bastion_spec_config():
+    """A stand-in SpeculativeConfig carrying a resolved BASTION config."""
+    from types import SimpleNamespace
+
+    from vllm_bastion.config import BASTION_ATTR, BastionConfig
+
+    hf = SimpleNamespace(**{BASTION_ATTR: BastionConfig(model="drafter").model_dump()})
+    return SimpleNamespace(draft_model_config=SimpleNamespace(hf_config=hf))
+
+
+def test_generate_is_the_lazy_async_generator_the_server_reads_after_200():
+    import vllm.entrypoints.openai.chat_completion.serving as chat
+    import vllm.entrypoints.openai.completion.serving as completion
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    _patches.apply()
+    orig = AsyncLLM.generate.__wrapped__
+    assert inspect.isasyncgenfunction(orig)  # why the refusal used to come after 200
+    assert params(orig)[:4] == ["self", "prompt", "sampling_params", "request_id"]
+    for module in (completion, chat):  # called without await; read after the 200
+        assert "generator = self.engine_client.generate(" in inspect.getsource(module)
+
+
+def test_generate_refuses_before_returning_the_stream():
+    from types import SimpleNamespace
+
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    _patches.apply()
+    engine = SimpleNamespace(vllm_config=SimpleNamespace(speculative_config=_bastion_spec_config()))
+    for bad, name in ((SamplingParams(min_p=0.3), "min_p"),  # vLLM's own spec-decode refusal
+                      (SamplingParams(thinking_token_budget=8), "BASTION")):  # BASTION's
+        with pytest.raises(VLLMValidationError, match=name):
+            AsyncLLM.generate(engine, "x", bad, "r1")  # raises on the call itself
+    gen = AsyncLLM.generate(engine, "x", SamplingParams(), "r2")
+    assert inspect.isasyncgen(gen)  # accepted requests: vLLM's generator, unread
+    gen.aclose().close()
+    plain = SimpleNamespace(vllm_config=SimpleNamespace(speculative_config=None))
+    gen = AsyncLLM.generate(plain, "x", SamplingParams(min_p=0.3), "r3")  # not BASTION: untouched
+    assert inspect.isasyncgen(gen)
+    gen.aclose().close()
+
+
+# ------------------------------------------------- 8. no uniform-decode padding
+
+
+def test_scheduler_pads_new_decodes_only_without_a_draft_length_table():
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    src = inspect.getsource(Scheduler)
+    # the padding condition BASTION switches off ...
+    assert "(self.num_spec_tokens > 0 and self.dynamic_sd_lookup is None)" in src
+    assert "padded_num_tokens = 1 + self.num_spec_tokens" in src
+    # ... and the table's only other reader: the draft length sent to workers
+    assert src.count("self.dynamic_sd_lookup[") == 1
+    assert "self.dynamic_sd_lookup[\n                len(num_scheduled_tokens)" in src
+    assert "self.dynamic_sd_lookup: list[int] | None = None" in src
+    assert params(Scheduler.__init__)[:2] == ["self", "vllm_config"]
+
+
+def test_scheduler_gets_a_constant_draft_length_table():
+    from types import SimpleNamespace
+
+    def orig(self, vllm_config, *args, **kwargs):
+        self.num_spec_tokens, self.dynamic_sd_lookup = 64, None
+
+    sched = SimpleNamespace()
+    _patches._scheduler_init(orig, sched, SimpleNamespace(speculative_config=_bastion_spec_config()))
+    assert sched.dynamic_sd_lookup is not None
+    assert [sched.dynamic_sd_lookup[b] for b in (1, 7, 256)] == [64, 64, 64]
+    other = SimpleNamespace()
+    _patches._scheduler_init(orig, other, SimpleNamespace(speculative_config=None))
+    assert other.dynamic_sd_lookup is None  # vLLM's own behaviour elsewhere

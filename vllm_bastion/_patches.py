@@ -27,6 +27,18 @@ pinned by tests/test_patches.py (which fails if vLLM changes under them):
    nodes were kept, `StructuredOutputManager.grammar_bitmask` fills one mask
    per tree node. Each acts only on drafts that carry BASTION's tree shape
    (set by BASTION's runner); otherwise it calls vLLM's own code.
+7. `AsyncLLM.generate`: run the per-request refusals of 4. (and vLLM's own
+   spec-decode refusals) when the request is submitted, not when its output
+   stream is first read, so the OpenAI server answers a refused streaming
+   request with HTTP 400 before any stream starts (as it does for vLLM's
+   own parameter validation), with no traceback in its log.
+8. `Scheduler.__init__`: no uniform-decode padding. vLLM pads a new request
+   with one token left to compute to 1 + num_speculative_tokens rows of
+   placeholder drafts (a shape for FULL CUDA graphs, which BASTION never
+   uses); with BASTION num_speculative_tokens is the tree budget, so that
+   would verify up to `max_nodes` placeholder rows. The padding is off
+   exactly when the scheduler has a per-batch-size draft-length table, so
+   BASTION gives it a constant one (the same draft length for every size).
 """
 
 from __future__ import annotations
@@ -310,6 +322,48 @@ def _apply_structured_output_patches() -> None:
     _wrap_method(StructuredOutputManager, "grammar_bitmask", st.grammar_bitmask)
 
 
+# ----------------------------------------------------------------- 7. submission
+
+
+def _generate_refusing_early(orig):
+    """AsyncLLM.generate is an async generator: nothing in it runs (and so no
+    request is validated) until the caller first reads it, which the OpenAI
+    server does after it has answered 200 for a streaming request. This
+    plain function validates first, then returns the same generator."""
+
+    @functools.wraps(orig)
+    def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
+        spec = getattr(getattr(self, "vllm_config", None), "speculative_config", None)
+        if spec is not None and bastion_config_of(spec) is not None:
+            from vllm.sampling_params import SamplingParams
+
+            if isinstance(sampling_params, SamplingParams):
+                sampling_params._validate_spec_decode(spec)  # VLLMValidationError -> 400
+        return orig(self, prompt, sampling_params, request_id, *args, **kwargs)
+
+    generate.__bastion_patched__ = True  # type: ignore[attr-defined]
+    return generate
+
+
+# ----------------------------------------------------------------- 8. scheduler
+
+
+class _SameDraftLength:
+    """A per-batch-size draft-length table with one entry for every size."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __getitem__(self, batch_size: int) -> int:
+        return self.n
+
+
+def _scheduler_init(orig, self, vllm_config, *args, **kwargs):
+    orig(self, vllm_config, *args, **kwargs)
+    if bastion_config_of(vllm_config) is not None and self.dynamic_sd_lookup is None:
+        self.dynamic_sd_lookup = _SameDraftLength(self.num_spec_tokens)
+
+
 # ----------------------------------------------------------------- apply
 
 
@@ -360,6 +414,12 @@ def apply() -> None:
     )
     _wrap_method(SamplingParams, "_validate_spec_decode", _validate_spec_decode)
     _apply_structured_output_patches()
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    if not getattr(AsyncLLM.generate, "__bastion_patched__", False):
+        AsyncLLM.generate = _generate_refusing_early(AsyncLLM.generate)
+    _wrap_method(Scheduler, "__init__", _scheduler_init)
 
     from vllm.platforms import current_platform
 

@@ -92,6 +92,9 @@ class BastionRunnerMixin:
         self._bastion_pending: tuple[TreeBatch, list[str]] | None = None
         self._bastion_plan: StepPlan | None = None
         self._bastion_attach = False
+        # CPU: every verify row computed by the backend as a chain row
+        # (tree_attention.TreeAttentionStep.build_chain_exact)
+        self._bastion_chain_exact = self.device.type == "cpu"
         self._bastion_layers: list[str] = []
         self._bastion_kv_views: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._bastion_exec = None  # (aux_hidden_states, slot_mappings) of the step
@@ -257,7 +260,8 @@ class BastionRunnerMixin:
             plan = self._bastion_plan
             self._bastion_attach = False
         info = None  # None: the backend computes every row
-        if plan is not None and plan.num_branch_rows:
+        if plan is not None and (plan.num_branch_rows or (
+                self._bastion_chain_exact and bool(plan.trees.num_nodes.any()))):
             info = self._bastion_tree_attention_step(plan, spec_cad)
         # one metadata object per attention group (a builder may reuse it, so
         # it is always set, also to None)
@@ -280,6 +284,7 @@ class BastionRunnerMixin:
             block_size=self.input_batch.block_table[gid].block_size,
             num_blocks=self.kv_cache_config.num_blocks,
             max_nodes=self.bastion_config.max_nodes,
+            chain_exact=self._bastion_chain_exact,
         )
 
     # ------------------------------------------------------------ forward

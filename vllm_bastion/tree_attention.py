@@ -56,6 +56,11 @@ class TreeAttentionStep:
     block_size: int
     num_blocks: int
     _plan: object = None  # the torch path's gather indices, built once per step
+    # the chain-exact path (CPU): branch rows computed wave by wave as chain
+    # rows by the backend itself (see `_ChainWave`); None on the Triton path
+    waves: list | None = None
+    restore_rows: torch.Tensor | None = None  # [S] rows whose K/V go back after the waves
+    restore_slots: torch.Tensor | None = None  # [S] their slots
 
     @property
     def num_requests(self) -> int:
@@ -63,9 +68,14 @@ class TreeAttentionStep:
 
     @classmethod
     def build(cls, plan, cad, attn_group, device, *, block_size: int, num_blocks: int,
-              max_nodes: int) -> TreeAttentionStep:
+              max_nodes: int, chain_exact: bool = False) -> TreeAttentionStep:
         """From a core StepPlan with branch rows and the step's common
-        attention metadata (all rows)."""
+        attention metadata (all rows). `chain_exact` (the CPU path): every
+        verify row is computed by the backend as the row of a chain
+        (`build_chain_exact`)."""
+        if chain_exact:
+            return cls.build_chain_exact(plan, cad, attn_group, device, block_size=block_size,
+                                         num_blocks=num_blocks, max_nodes=max_nodes)
         rows = plan.backend_rows.to(device)
         qlens = plan.backend_query_lens
         drop = (plan.num_rows - qlens).to(torch.int32)  # branch rows per request
@@ -105,6 +115,98 @@ class TreeAttentionStep:
             max_nodes=max_nodes,
             block_size=block_size,
             num_blocks=num_blocks,
+        )
+
+    @classmethod
+    def build_chain_exact(cls, plan, cad, attn_group, device, *, block_size: int,
+                          num_blocks: int, max_nodes: int) -> TreeAttentionStep:
+        """Every verify row of a tree request computed exactly as the backend
+        computes a decode row (a chain's row), whatever the tree.
+
+        Root and spine rows are a chain already; they go to the backend as
+        blocks of at most `chain_rows_per_query` rows (its own requests over
+        the request's cache), for which the backend's numerics are those of
+        a single decode row, so a row does not depend on how long the spine
+        or the tree is, or on what else the step holds. Branch rows are
+        computed in waves (core.step.branch_waves): the K/V of one
+        root-to-leaf path per request is written into the request's own
+        verify slots, the path's new nodes are computed as a chain's rows,
+        and after the last wave every slot gets its own row's K/V back. Rows
+        of requests without a tree keep their query blocks (prefill chunks,
+        decode rows), as vLLM schedules them."""
+        from vllm_bastion.core.step import branch_waves
+
+        trees = plan.trees
+        n = trees.num_nodes
+        spine = torch.minimum(plan.spine_len, n)
+        B = n.numel()
+        row_start, root_pos = plan.row_start, plan.root_pos
+        Q = chain_rows_per_query(attn_group)
+        seq_lens = cad.seq_lens.cpu().long()[:B]
+        # backend rows: chain blocks of <= Q rows for tree requests (root and
+        # spine), the scheduled query block otherwise
+        tree = n > 0
+        reps = torch.where(tree, spine + 1, torch.ones_like(n))
+        r_req = torch.arange(B).repeat_interleave(reps)
+        k = torch.arange(int(reps.sum())) - (torch.cumsum(reps, 0) - reps).repeat_interleave(reps)
+        r_tree = tree[r_req]
+        r_pos = root_pos[r_req] + k
+        new_block = (k % Q == 0) | ~r_tree
+        v_req, v_q, v_last = _blocks(r_req, r_pos, new_block)
+        v_tree = tree[v_req]
+        v_q = torch.where(v_tree, v_q, plan.backend_query_lens[v_req])
+        v_seq = torch.where(v_tree, v_last + 1, seq_lens[v_req])
+        rows = plan.backend_rows
+        md = _virtual_batch_metadata(cad, attn_group, device, v_req, v_q, v_seq, rows)
+
+        waves = []
+        restore_rows = restore_slots = None
+        if plan.num_branch_rows:
+            w = branch_waves(trees, spine)
+            slots = cad.slot_mapping
+            # queries grouped by (wave, request), in depth order: a chain suffix
+            order = torch.argsort(w.q_wave * (B * (trees.width + 1)) + w.q_req * (trees.width + 1)
+                                  + w.q_depth)
+            q_wave, q_req = w.q_wave[order], w.q_req[order]
+            q_col, q_depth = w.q_col[order], w.q_depth[order]
+            for i in range(w.num_waves):
+                km = w.kv_wave == i
+                src = row_start[w.kv_req[km]] + w.kv_src_col[km]
+                dst = row_start[w.kv_req[km]] + w.kv_dst_col[km]
+                qm = q_wave == i
+                req_i, pos_i = q_req[qm], root_pos[q_req[qm]] + q_depth[qm]
+                first_of_req = torch.ones_like(req_i, dtype=torch.bool)
+                first_of_req[1:] = req_i[1:] != req_i[:-1]
+                idx_in_req = torch.arange(req_i.numel()) - _segment_starts(first_of_req)
+                wv_req, wv_q, wv_last = _blocks(req_i, pos_i, (idx_in_req % Q == 0))
+                q_rows = row_start[req_i] + q_col[qm]
+                wmd = _virtual_batch_metadata(cad, attn_group, device, wv_req, wv_q,
+                                              wv_last + 1, q_rows)
+                waves.append(_ChainWave(src.to(device), slots[dst.to(slots.device)],
+                                        q_rows.to(device), wmd))
+            r_rows = row_start[w.restore_req] + w.restore_col
+            restore_rows = r_rows.to(device)
+            restore_slots = cad.slot_mapping[r_rows.to(cad.slot_mapping.device)]
+        reqs = plan.tree_reqs
+
+        def dev(x, dtype=torch.int32):
+            return x.to(dtype).to(device)
+
+        return cls(
+            backend_rows=rows.to(device),
+            backend_metadata=md,
+            tree_req=dev(reqs),
+            row_start=dev(plan.row_start[reqs]),
+            first_col=dev(1 + plan.spine_len[reqs], torch.int64),
+            num_nodes=dev(plan.trees.num_nodes[reqs]),
+            prefix_len=dev(plan.root_pos[reqs]),
+            anc_bits=plan.anc_bits.to(device) if plan.anc_bits is not None else None,
+            max_nodes=max_nodes,
+            block_size=block_size,
+            num_blocks=num_blocks,
+            waves=waves,
+            restore_rows=restore_rows,
+            restore_slots=restore_slots,
         )
 
     def torch_plan(self, block_table: torch.Tensor) -> "_TorchPlan":
@@ -156,6 +258,107 @@ class _TorchPlan:
         v = torch.cat([vp.to(value.dtype), value[self.tree_rows]], dim=1)
         o = masked_attention(query[self.q_rows], k, v, self.mask, scale)
         out3[self.out_rows] = o[self.q_ok].to(out3.dtype)
+
+
+# vLLM's CPU attention computes a query tile of up to MaxQHeadNumPerIteration
+# query heads (16 on the vec / vec16 ISAs, 32 on AMX) with one fixed KV
+# tiling, the same as a single decode row's; longer query blocks get a
+# KV tiling that depends on the block's length.
+_ONE_ROUND_Q_HEADS = {"vec": 16, "vec16": 16, "amx": 32}
+
+
+def chain_rows_per_query(attn_group) -> int:
+    """Rows per one-row-exact query block: a chain block of this many rows
+    computes every row exactly as the backend computes a decode row (1 on
+    ISAs whose tiling is not known here)."""
+    b = attn_group.metadata_builders[0] if getattr(attn_group, "metadata_builders", None) else None
+    heads, kv_heads = getattr(b, "num_heads", None), getattr(b, "num_kv_heads", None)
+    q_heads = _ONE_ROUND_Q_HEADS.get(str(getattr(b, "isa", "")), 0)
+    if not heads or not kv_heads or not q_heads:
+        return 1
+    per_kv = heads // kv_heads
+    if q_heads % per_kv:  # the kernel then tiles query heads one by one
+        per_kv = 1
+    return max(1, q_heads // per_kv)
+
+
+def _segment_starts(first: torch.Tensor) -> torch.Tensor:
+    """For a flat array split into segments (first[i]: a segment starts at
+    i), the start index of each element's segment."""
+    idx = torch.arange(first.numel())
+    return torch.cummax(torch.where(first, idx, 0), 0).values
+
+
+def _blocks(req: torch.Tensor, pos: torch.Tensor, new_block: torch.Tensor):
+    """Group consecutive rows into virtual requests (a new one where
+    new_block is True): (request, rows, last position) per virtual request."""
+    vid = torch.cumsum(new_block.long(), 0) - 1
+    V = int(vid[-1]) + 1 if vid.numel() else 0
+    q = torch.zeros(V, dtype=torch.long).index_add_(0, vid, torch.ones_like(vid))
+    last = torch.full((V,), -1, dtype=torch.long).scatter_reduce_(0, vid, pos.long(), "amax")
+    first = torch.nonzero(new_block).squeeze(1)
+    return req[first], q, last
+
+
+@dataclass
+class _ChainWave:
+    """One wave of the chain-exact path: K/V writes that lay one path per
+    request out as a chain, and the query rows computed over it."""
+
+    kv_src_rows: torch.Tensor  # [E] rows whose K/V are written ...
+    kv_dst_slots: torch.Tensor  # [E] ... into these slots
+    q_rows: torch.Tensor  # [Q] branch rows computed in this wave
+    metadata: object  # the backend's metadata: one one-row request per query row
+
+
+def _virtual_batch_metadata(cad, attn_group, device, req, q_len, seq_len, rows):
+    """The backend's metadata for a batch of virtual requests over the
+    step's requests' caches: virtual request i reads request req[i]'s block
+    table, has q_len[i] query rows (`rows`, in order) and seq_len[i] tokens
+    of context (its rows are the last ones)."""
+    sub = copy(cad)
+    V = int(req.numel())
+    qsl = torch.zeros(V + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(q_len, 0)
+    sub.query_start_loc_cpu = qsl
+    sub.query_start_loc = qsl.to(device, non_blocking=True)
+    seq = seq_len.to(torch.int32)
+    sub.seq_lens = seq.to(cad.seq_lens.device, cad.seq_lens.dtype)
+    if getattr(cad, "seq_lens_cpu_upper_bound", None) is not None:
+        sub.seq_lens_cpu_upper_bound = seq.to(cad.seq_lens_cpu_upper_bound.dtype)
+    sub.num_reqs = V
+    sub.num_actual_tokens = int(rows.numel())
+    sub.max_query_len = int(q_len.max()) if V else 0
+    sub.max_seq_len = int(seq.max()) if V else 0
+    bt = cad.block_table_tensor
+    sub.block_table_tensor = bt[req.to(bt.device)]
+    rows_d = rows.to(cad.slot_mapping.device)
+    sub.slot_mapping = cad.slot_mapping[rows_d]
+    if getattr(cad, "positions", None) is not None:
+        sub.positions = cad.positions[rows.to(cad.positions.device)]
+    if getattr(cad, "is_prefilling", None) is not None:
+        sub.is_prefilling = cad.is_prefilling[req.to(cad.is_prefilling.device)]
+    if getattr(cad, "req_idx", None) is not None:
+        sub.req_idx = cad.req_idx[req.numpy()]
+    return attn_group.build_metadata(sub)
+
+
+def chain_exact_rows(cls, impl, layer, query, key, value, kv_cache, output, step,
+                     args, kwargs) -> None:
+    """The branch rows of `output`, wave by wave, by the backend itself
+    (TreeAttentionStep.build_chain_exact), then the verify slots' own K/V
+    back. The backend reads K/V from the cache only."""
+    for w in step.waves:
+        impl.do_kv_cache_update(layer, key[w.kv_src_rows], value[w.kv_src_rows], kv_cache,
+                                w.kv_dst_slots)
+        q = w.q_rows
+        o = output.new_empty((q.numel(),) + tuple(output.shape[1:]))
+        cls.forward(impl, layer, query[q], key[q], value[q], kv_cache, w.metadata, o,
+                    *args, **kwargs)
+        output[q] = o
+    if step.restore_rows is not None:
+        r = step.restore_rows
+        impl.do_kv_cache_update(layer, key[r], value[r], kv_cache, step.restore_slots)
 
 
 def _block_table_of(metadata) -> torch.Tensor:
@@ -228,7 +431,12 @@ def tree_impl_class(cls: type) -> type:
                     *args, **kwargs)
         output[rows] = o_b
         t0 = time.perf_counter()
-        tree_attention_rows(self, layer, query, key, value, kv_cache, attn_metadata, output, step)
+        if step.waves is not None:
+            chain_exact_rows(cls, self, layer, query, key, value, kv_cache, output, step,
+                             args, kwargs)
+        elif step.num_requests:  # requests with branch rows
+            tree_attention_rows(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                                step)
         FIXUP_SECONDS[0] += time.perf_counter() - t0
         return output
 

@@ -218,6 +218,80 @@ def plan_step(trees: TreeBatch, row_start, num_rows, root_pos,
                     backend_rows, backend_q, tree_reqs, anc)
 
 
+# ----------------------------------------------------------------- chain waves
+
+
+@dataclass
+class ChainWaves:
+    """Branch rows computed as chain rows, one root-to-leaf chain per request
+    and wave (the CPU tree-attention path, vllm_bastion/tree_attention.py).
+
+    A branch node's attention must see the request's cache up to the root
+    and then its ancestors at positions root + 1 .. root + depth. In wave w,
+    every request with a w-th branch leaf (column order) writes the K/V of
+    that leaf's path into its own verify slots at those positions (column k
+    gets the path's node at depth k), so the attention backend sees an
+    ordinary causal chain and computes the wave's query nodes, the branch
+    nodes on the path not computed by an earlier wave (a suffix of the
+    path), exactly as it computes a chain's rows. Every branch node lies on
+    some branch leaf's path, so every branch row is computed once. After the
+    last wave each written column gets its own row's K/V back.
+
+    All index tensors are flat; `*_wave` says which wave an entry belongs to.
+    Columns are tree columns (row = row_start + column).
+    """
+
+    num_waves: int
+    kv_wave: torch.Tensor  # [E] int64
+    kv_req: torch.Tensor  # [E] int64 batch index
+    kv_dst_col: torch.Tensor  # [E] int64 column whose slot is written (= depth)
+    kv_src_col: torch.Tensor  # [E] int64 column whose K/V is written there
+    q_wave: torch.Tensor  # [Q] int64
+    q_req: torch.Tensor  # [Q] int64
+    q_col: torch.Tensor  # [Q] int64 query node column
+    q_depth: torch.Tensor  # [Q] int64 its depth (position = root position + depth)
+    restore_req: torch.Tensor  # [S] int64 columns to restore after the last wave
+    restore_col: torch.Tensor  # [S] int64
+
+
+def branch_waves(trees: TreeBatch, spine_len: torch.Tensor) -> ChainWaves:
+    """Cover the branch nodes of spine-first trees by root-to-leaf chains
+    (see `ChainWaves`). Vectorized; the number of waves is the largest
+    number of branch leaves of one request."""
+    B, W = trees.tokens.shape
+    dev = trees.tokens.device
+    n = trees.num_nodes.to(dev)
+    spine = torch.minimum(spine_len.to(dev), n)
+    valid = trees.valid_mask()
+    cols = torch.arange(W, device=dev)[None, :].expand(B, W)
+    branch = (cols > spine[:, None]) & (cols <= n[:, None])
+    has_child = torch.zeros((B, W), dtype=torch.bool, device=dev)
+    child = valid & (trees.parents >= 0)
+    has_child.scatter_(1, trees.parents.clamp(min=0), child)  # root's dummy writes are harmless
+    has_child &= valid
+    leaf = branch & ~has_child
+    rank = leaf.long().cumsum(dim=1) - 1  # wave of each branch leaf
+    big = W + 1
+    anc = ancestor_mask(trees)  # [B, i, j]: j is i or an ancestor of i
+    # a branch node is computed in the wave of the first branch leaf below it
+    first = torch.where(anc & leaf[:, :, None], rank[:, :, None], big).min(dim=1).values
+    q_req, q_col = (branch & (first < big)).nonzero(as_tuple=True)
+    q_wave = first[q_req, q_col]
+    q_depth = trees.depths[q_req, q_col]
+    # K/V writes: every (leaf, ancestor below the root) pair
+    path = anc & leaf[:, :, None] & (cols[:, None, :] > 0)  # [B, leaf, ancestor]
+    kv_req, kv_leaf, kv_src = path.nonzero(as_tuple=True)
+    kv_wave = rank[kv_req, kv_leaf]
+    kv_dst = trees.depths[kv_req, kv_src]
+    num_waves = int(leaf.sum(dim=1).max()) if B else 0
+    # restore: columns 1 .. deepest branch leaf of each request
+    deepest = torch.where(leaf, trees.depths, 0).max(dim=1).values if W else n
+    rmask = (cols >= 1) & (cols <= deepest[:, None])
+    restore_req, restore_col = rmask.nonzero(as_tuple=True)
+    return ChainWaves(num_waves, kv_wave, kv_req, kv_dst, kv_src,
+                      q_wave, q_req, q_col, q_depth, restore_req, restore_col)
+
+
 # ----------------------------------------------------------------- finish
 
 
