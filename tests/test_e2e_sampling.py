@@ -57,23 +57,27 @@ def test_seeded_requests_are_reproducible(bastion_llm):
     assert other != together
 
 
-def exact_sequence_distribution(model_dir, prompt_ids, horizon, temperature, top_k):
-    """P(x1..xH | prompt) under temperature + top-k, with HF transformers."""
+def exact_sequence_distribution(model_dir, prompt_ids, horizon, temperature, top_k, top_p=None):
+    """P(x1..xH | prompt) under temperature, top-k and top-p (vLLM's own
+    top-k/top-p rule), with HF transformers' fp32 logits."""
     from transformers import AutoModelForCausalLM
+
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     dist = {(): 1.0}
+    k = torch.tensor([top_k]) if top_k else None
+    p = torch.tensor([top_p], dtype=torch.float32) if top_p else None
     with torch.no_grad():
         for _ in range(horizon):
             nxt = {}
-            for seq, p in dist.items():
+            for seq, prob in dist.items():
                 ids = torch.tensor([list(prompt_ids) + list(seq)])
                 logits = model(ids).logits[0, -1].float() / temperature
-                kth = logits.topk(top_k).values[-1]
-                logits[logits < kth] = float("-inf")
+                logits = apply_top_k_top_p_pytorch(logits[None].clone(), k, p)[0]
                 probs = torch.softmax(logits, -1)
                 for tok in torch.nonzero(probs > 0).flatten().tolist():
-                    nxt[seq + (tok,)] = p * float(probs[tok])
+                    nxt[seq + (tok,)] = prob * float(probs[tok])
             dist = nxt
     return dist
 
@@ -103,23 +107,38 @@ def chi2_pvalue(counts, probs, n):
     return float(pval), stat
 
 
-def test_sampled_distribution_is_the_target_distribution(bastion_llm, reference_llm, tiny_pair):
+SAMPLING_CASES = [
+    # (temperature, top_k, top_p, samples)
+    (0.8, 3, None, 1500),
+    (0.7, 5, 0.9, 1200),
+    (1.0, 8, 0.8, 1200),
+    (1.0, None, 0.7, 1200),
+]
+
+
+@pytest.mark.parametrize("T,K,P,N", SAMPLING_CASES,
+                         ids=[f"T{t}-k{k}-p{p}" for t, k, p, _ in SAMPLING_CASES])
+def test_sampled_distribution_is_the_target_distribution(bastion_llm, reference_llm, tiny_pair,
+                                                         T, K, P, N):
     """Lossless at temperature > 0: BASTION's samples follow the exact target
-    distribution (computed with HF transformers), while its trees accept drafts.
+    distribution (computed with HF transformers, vLLM's top-k/top-p rule),
+    while its trees accept drafts.
 
     The oracle drafts the greedy continuation at rank 2 (rank 1 wrong); under
-    top-k sampling the target often agrees with it, so the walk accepts
+    top-k/top-p sampling the target often agrees with it, so the walk accepts
     through tree branches, and must still emit exactly the target's law.
     """
-    T, K, H, N = 0.8, 3, 3, 1500
+    H = 3
     prompt = "def value(self):\n    return"
     greedy_out = bastion_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
     prompt_ids = list(greedy_out.prompt_token_ids)
     refs = {tuple(prompt_ids): list(greedy_out.outputs[0].token_ids)}
-    exact = exact_sequence_distribution(tiny_pair[0], prompt_ids, H, T, K)
+    exact = exact_sequence_distribution(tiny_pair[0], prompt_ids, H, T, K, P)
     assert math.isclose(sum(exact.values()), 1.0, rel_tol=1e-5)
+    assert len(exact) > 1  # a real distribution, not one sequence
 
-    params = [SamplingParams(temperature=T, top_k=K, max_tokens=H, seed=s, ignore_eos=True) for s in range(N)]
+    params = [SamplingParams(temperature=T, top_k=K or 0, top_p=P or 1.0, max_tokens=H, seed=s,
+                             ignore_eos=True) for s in range(N)]
     bastion_llm.collective_rpc("bastion_reset_stats")
     bastion_llm.collective_rpc(install_second_choice_oracle, args=(refs,))
     try:
@@ -144,6 +163,7 @@ def test_sampled_distribution_is_the_target_distribution(bastion_llm, reference_
     assert p_r > 1e-3, (p_r, stat_r)  # sanity: vLLM without speculation fits the exact law
     assert p_b > 1e-3, (p_b, stat_b, tv)
     assert tv < 0.08
+    assert set(cb) <= set(exact)  # nothing outside the top-k/top-p support
 
 
 def test_unseeded_sampling_runs(bastion_llm):

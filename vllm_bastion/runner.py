@@ -324,6 +324,8 @@ class BastionRunnerMixin:
     def _sample(self, logits, spec_decode_metadata):
         plan = self._bastion_plan
         if spec_decode_metadata is None or plan is None:
+            if self._bastion_has_seeded_sampling():
+                return self._bastion_sample_plain(logits)
             return super()._sample(logits, spec_decode_metadata)
         self._bastion_plan = None
         self.input_batch.update_async_output_token_ids()
@@ -331,28 +333,8 @@ class BastionRunnerMixin:
         t0 = now()
         counts = plan.sampled_rows
         pos_rows = plan.root_pos.repeat_interleave(counts) + sampled_row_depths(plan) + 1
-        table = self.bastion_table
-        seeds = None
-        if table["has_seed"].any():
-            seeds = (torch.from_numpy(table["seed"]), torch.from_numpy(table["has_seed"]))
-        sm = self.input_batch.sampling_metadata
-        mode = self.model_config.logprobs_mode
-        logprobs = wants_logprobs(sm)
-        work = logits
-        t_p0 = now()
-        if needs_node_processing(self.input_batch, sm):
-            # penalties, bad words, min_tokens, allowed tokens: per node, with
-            # the request's history plus the node's own path (processing.py)
-            layout = row_layout(plan.trees)
-            work = self._bastion_nodes.process(
-                logits, plan.trees, layout, self.input_batch, sm,
-                keep_raw=logprobs and not mode.startswith("processed"))
-        t_proc = now()
-        timer.add("node_processing", t_proc - t_p0)
-        tok, processed = target_tokens(work, counts, sm, seeds, pos_rows, return_processed=True)
+        tok, processed = self._bastion_choose(logits, plan.trees, counts, pos_rows)
         t1 = now()
-        timer.add("target_tokens", t1 - t0 - (t_proc - t_p0))
-
         result = finish_step(plan, tok.cpu())
         walk = result.walk
         trees = plan.trees
@@ -369,14 +351,78 @@ class BastionRunnerMixin:
                                         trees.depths.max(dim=1).values)
         self._bastion_verified = (trees.num_nodes.numpy(), walk.num_accepted.numpy())
         sampled = walk.output_tokens.to(device=self.device, dtype=torch.int32)
-        logprobs_tensors = None
-        if logprobs:
-            t3 = now()
-            logprobs_tensors = tree_logprobs(
-                logits, processed, mode, torch.cumsum(counts, 0) - counts, walk.output_tokens,
-                walk.path_nodes, walk.num_accepted, sm)
-            timer.add("logprobs", now() - t3)
-        return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=logprobs_tensors)
+        logprobs = self._bastion_logprobs(logits, processed, counts, walk.output_tokens,
+                                          walk.path_nodes, walk.num_accepted)
+        return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=logprobs)
+
+    def _bastion_choose(self, logits, trees: TreeBatch, counts: torch.Tensor,
+                        pos_rows: torch.Tensor):
+        """The target's token for every sampled row (rows as `trees`' nodes,
+        `counts` per request, `pos_rows`: the position each row predicts):
+        per-node penalties, bad words, min_tokens and allowed tokens with the
+        request's history plus the node's own path (processing.py), then
+        greedy or keyed sampling. Returns (tokens, processed logits)."""
+        timer = self.bastion_stats.timer
+        t0 = now()
+        table = self.bastion_table
+        seeds = None
+        if table["has_seed"].any():
+            seeds = (torch.from_numpy(table["seed"]), torch.from_numpy(table["has_seed"]))
+        sm = self.input_batch.sampling_metadata
+        work = logits
+        if needs_node_processing(self.input_batch, sm):
+            mode = self.model_config.logprobs_mode
+            work = self._bastion_nodes.process(
+                logits, trees, row_layout(trees), self.input_batch, sm,
+                keep_raw=wants_logprobs(sm) and not mode.startswith("processed"))
+        t_proc = now()
+        timer.add("node_processing", t_proc - t0)
+        tok, processed = target_tokens(work, counts, sm, seeds, pos_rows, return_processed=True)
+        timer.add("target_tokens", now() - t_proc)
+        return tok, processed
+
+    def _bastion_logprobs(self, logits, processed, counts, output_tokens, path_nodes,
+                          num_accepted):
+        """vLLM's logprobs tensors for the emitted tokens (None unless asked)."""
+        sm = self.input_batch.sampling_metadata
+        if not wants_logprobs(sm):
+            return None
+        t0 = now()
+        out = tree_logprobs(logits, processed, self.model_config.logprobs_mode,
+                            torch.cumsum(counts, 0) - counts, output_tokens, path_nodes,
+                            num_accepted, sm)
+        self.bastion_stats.timer.add("logprobs", now() - t0)
+        return out
+
+    def _bastion_has_seeded_sampling(self) -> bool:
+        """A request with a seed samples (temperature > 0) in this step."""
+        sm = self.input_batch.sampling_metadata
+        if sm.all_greedy:
+            return False
+        n = self.input_batch.num_reqs
+        has_seed = self.bastion_table["has_seed"][:n]
+        if not has_seed.any():
+            return False
+        temp = sm.temperature.cpu().numpy()[:n] if sm.temperature is not None else np.ones(n)
+        return bool((has_seed & (temp >= 1e-5)).any())
+
+    def _bastion_sample_plain(self, logits):
+        """A step without trees, one row per request, sampled as the tree
+        steps sample: a seeded request's draw for the token at position p is
+        keyed by (seed, p) in every step, so whether a step had trees (which
+        the auto budget decides from timings) never changes its tokens."""
+        n = self.input_batch.num_reqs
+        self.input_batch.update_async_output_token_ids()
+        counts = torch.ones(n, dtype=torch.long)
+        pos = torch.from_numpy(self._bastion_computed[:n] + self._bastion_sched[:n])
+        trees = chain_tree([[] for _ in range(n)])
+        tok, processed = self._bastion_choose(logits[:n], trees, counts, pos)
+        out = tok.view(-1, 1)
+        logprobs = self._bastion_logprobs(logits[:n], processed, counts, out,
+                                          torch.zeros((n, 0), dtype=torch.long),
+                                          torch.zeros(n, dtype=torch.long))
+        return SamplerOutput(sampled_token_ids=out.to(self.device, torch.int32),
+                             logprobs_tensors=logprobs)
 
     def _bastion_compact(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Make every accepted path contiguous in the KV cache and activations."""

@@ -17,7 +17,8 @@ import torch
 
 
 def install_second_choice_oracle(worker, refs: dict[tuple[int, ...], list[int]],
-                                 p_wrong: float = 0.5, p_true: float = 0.3) -> bool:
+                                 p_wrong: float = 0.5, p_true: float = 0.3,
+                                 true_rank: int = 1) -> bool:
     runner = worker.model_runner
     drafter = runner.drafter
     state: dict = {"sampled": None}
@@ -57,7 +58,7 @@ def install_second_choice_oracle(worker, refs: dict[tuple[int, ...], list[int]],
                 true = ref[n + d]
                 row = [(true + 1 + j) % vocab for j in range(K + 1)]
                 row = [t for t in row if t != true][:K]
-                row[1] = true
+                row[true_rank] = true  # 1: a branch node; 0: the spine
                 tok[out_row, d] = torch.tensor(row, dtype=tok.dtype)
                 rest = [math.log(max(1e-6, (1 - p_wrong - p_true) / (K - 2 + 1e-9)))] * (K - 2)
                 logp[out_row, d] = torch.tensor([math.log(p_wrong), math.log(p_true)] + rest, dtype=logp.dtype)
