@@ -344,41 +344,88 @@ def plot_curves(out, path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def cmd_timing(args) -> None:
+    """Per-step cost of the policies' build (and observe) at batch 1/16/64,
+    N = 64, top-8, depth 15, side by side in one run (this CPU, 1 thread)."""
+    import torch
+
+    from vllm_bastion.core.replay import ReplayRecord, targets_from_record
+    from vllm_bastion.core.walk import accept_walk
+
+    torch.set_num_threads(1)
+    rec = ReplayRecord.load(record_path(args, "stdlib"))
+    P, R = rec.num_prompts, rec.topk_tokens.shape[1]
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    lines = ["| batch | policy | build ms | observe ms |", "|---|---|---|---|"]
+    for B in (1, 16, 64):
+        p = torch.randint(0, P, (B,), generator=g)
+        r = torch.randint(0, R - 20, (B,), generator=g)
+        lp, tk = rec.topk_logprobs[p, r], rec.topk_tokens[p, r]
+        for name in ("published", "calibrated", "new"):
+            pol = policies()[name][0]()
+            st = pol.new_state(B)
+            if st is not None:
+                st["prev_accepted"] = torch.randint(-1, 10, (B,), generator=g)
+            for _ in range(3):  # warm-up
+                trees = pol.build(lp, tk, 64, st)
+            reps = 30
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                trees = pol.build(lp, tk, 64, st)
+            tb = (time.perf_counter() - t0) / reps * 1e3
+            res = accept_walk(trees, targets_from_record(rec.tokens[p], r, trees.depths))
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                pol.observe(trees, res, st)
+            to = (time.perf_counter() - t0) / reps * 1e3
+            out[f"{name}_B{B}"] = {"build_ms": round(tb, 3), "observe_ms": round(to, 3)}
+            lines.append(f"| {B} | {LABELS[name]} | {tb:.2f} | {to:.2f} |")
+    print("\n".join(lines))
+    dump_json(out, os.path.join(RESULTS, "replay_timing.json"))
+    with open(os.path.join(RESULTS, "replay_timing.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def cmd_fidelity(args) -> None:
-    """Lab vs engine on the demo prompts (engine runs from `engine`)."""
+    """Lab vs engine on the demo prompts (engine runs from `engine`, with and
+    without --position-fix)."""
     from vllm_bastion.core.acceptance import AcceptanceCalibrator
-    from vllm_bastion.core.policy import BestFirstPolicy, ChainPolicy
+    from vllm_bastion.core.policy import BestFirstPolicy, CalibratedPolicy, ChainPolicy
     from vllm_bastion.core.replay import ReplayRecord, simulate
 
     rows = []
     for fix in (False, True):
         path = os.path.join(cache_dir(args), f"{args.set}_engine{'_fix' if fix else ''}.json")
         if os.path.isfile(path):
-            eng = load_json(path)
-            for name, r in eng.items():
-                rows.append((name, fix, r["mean_accepted_length"], r["drafts"]))
-    out = {"records": {}, "engine": [{"config": n, "position_fix": f, "accepted_length": a, "steps": s}
-                                     for n, f, a, s in rows]}
+            for name, r in load_json(path).items():
+                rows.append((name, fix and r.get("position_fix", fix), r["mean_accepted_length"], r["drafts"]))
     lab_pols = {"chain": lambda: (ChainPolicy(DEPTH), 15),
                 "bastion_fixed15_raw": lambda: (BestFirstPolicy(), 15),
-                "bastion_fixed15_cal": lambda: (BestFirstPolicy(AcceptanceCalibrator(DEPTH)), 15)}
-    lines = ["| config | engine accepted length (steps) | lab accepted length (steps) | error |", "|---|---|---|---|"]
+                "bastion_fixed15_cal": lambda: (BestFirstPolicy(AcceptanceCalibrator(DEPTH)), 15),
+                "bastion_fixed64_raw": lambda: (BestFirstPolicy(), 64)}
+    for n in (15, 32, 64):
+        lab_pols[f"new_fixed{n}"] = lambda n=n: (CalibratedPolicy(DEPTH), n)
+    out = {"records": {}}
+    lines = ["| config | runner fix | engine accepted length (steps) | lab accepted length (steps) | error |",
+             "|---|---|---|---|---|"]
     for feats, ddt, kn in [("fp32", "fp32", "first_layer"), ("bf16", "bf16", "first_layer")]:
         p = record_path(args, args.set, feats, ddt, kn)
         if not os.path.isfile(p):
             continue
         rec = ReplayRecord.load(p)
         for name, fix, acc, steps in rows:
-            if name.startswith("bastion") and not fix:
+            if name not in lab_pols:
                 continue
             pol, N = lab_pols[name]()
             r = simulate(rec, pol, N, concurrency=1)
             err = 100 * (r.mean_accepted_length / acc - 1)
             out["records"].setdefault(f"{feats}/{ddt}", []).append(
-                {"config": name, "engine": acc, "engine_steps": steps, "lab": r.mean_accepted_length,
-                 "lab_steps": r.steps, "error_pct": err})
-            lines.append(f"| {name} (record {feats}/{ddt}) | {acc:.4f} ({steps}) | {r.mean_accepted_length:.4f} "
-                         f"({r.steps}) | {err:+.2f}% |")
+                {"config": name, "position_fix": bool(fix), "engine": acc, "engine_steps": steps,
+                 "lab": r.mean_accepted_length, "lab_steps": r.steps, "error_pct": err})
+            fx = "yes" if fix else ("no" if name.startswith(("bastion", "new")) else "n/a")
+            lines.append(f"| {name} (record {feats}/{ddt}) | {fx} | {acc:.4f} ({steps}) | "
+                         f"{r.mean_accepted_length:.4f} ({r.steps}) | {err:+.2f}% |")
     print("\n".join(lines))
     dump_json(out, os.path.join(RESULTS, "replay_fidelity.json"))
     with open(os.path.join(RESULTS, "replay_fidelity.md"), "w") as f:

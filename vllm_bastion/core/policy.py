@@ -283,3 +283,16 @@ class CalibratedPolicy:
             down = torch.flip(torch.cummin(torch.flip(p, [-1]), dim=-1).values, [-1])
             p = 0.5 * (up + down)
         self.table = torch.log(p.clamp(1e-6, 1.0))
+
+    def summary(self) -> dict:
+        """Observations and acceptance rates by depth and class (all groups),
+        in the AcceptanceCalibrator's stats format."""
+        t = self.tested.sum(dim=(0, 3))  # [depth, class]
+        a = self.accepted.sum(dim=(0, 3))
+        rate = torch.where(t > 0, a / t.clamp(min=1e-9), torch.full_like(t, float("nan")))
+        return {
+            "tested_by_depth": [round(float(x), 1) for x in t.sum(1)],
+            "acceptance_by_depth_and_class": [
+                [None if x != x else round(float(x), 3) for x in row] for row in rate.tolist()],
+            "tested_by_group": [round(float(x), 1) for x in self.tested.sum(dim=(1, 2, 3))],
+        }

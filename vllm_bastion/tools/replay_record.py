@@ -79,8 +79,11 @@ def prompt_set(name: str, target: str, n: int | None = None) -> tuple[list[list[
         keys = list(probs)[:n]
         return [tok(probs[k]["prompt"])["input_ids"] for k in keys], keys
     if name == "tables":
-        ids = table_prompts(tok)[:n]
-        return ids, [f"{TABLE_FILES[i // 8]}#{i % 8}" for i in range(len(ids))]
+        ids = table_prompts(tok)
+        order = list(range(len(ids)))
+        if n is not None and n < len(ids):  # a subset: interleave the files
+            order = sorted(order, key=lambda i: (i % 8, i // 8))[:n]
+        return [ids[i] for i in order], [f"{TABLE_FILES[i // 8]}#{i % 8}" for i in order]
     raise ValueError(f"unknown prompt set {name!r}")
 
 
@@ -637,12 +640,12 @@ def record_sampled(target: str, drafter: str, prompts: list[list[int]], *, max_t
             b = len(rows)
             ids = torch.zeros(b, Ni, dtype=torch.long)  # union column of each internal slot
             ok = torch.zeros(b, Ni, dtype=torch.bool)
-            for j, lst in enumerate(internal):
-                ids[j, : len(lst)] = torch.tensor(lst, dtype=torch.long)
-                ok[j, : len(lst)] = True
+            for q, lst in enumerate(internal):
+                ids[q, : len(lst)] = torch.tensor(lst, dtype=torch.long)
+                ok[q, : len(lst)] = True
             slot_of = torch.full((b, U), -1, dtype=torch.long)  # union column -> internal slot
-            for j, lst in enumerate(internal):
-                slot_of[j, lst] = torch.arange(len(lst))
+            for q, lst in enumerate(internal):
+                slot_of[q, lst] = torch.arange(len(lst))
             rr = torch.tensor(rows)
             ntok = utok[rr].gather(1, ids).clamp(min=0)
             ndep = dep[rr].gather(1, ids).clamp(min=1)
