@@ -14,6 +14,7 @@ from vllm_bastion.core.replay import (
     auto_budget,
     fit_static_shape,
     simulate,
+    targets_from_record,
     true_rank_paths,
 )
 from vllm_bastion.core.tree import build_best_first_trees
@@ -240,3 +241,29 @@ def test_replay_is_fast():
     assert res.steps > 1000
     # no timing assertion (shared CI machines); the lab prints steps/s
     assert math.isfinite(res.mean_accepted_length)
+
+
+def test_policy_state_flows_through_select_and_truncate_as_in_the_runner():
+    """The runner proposes trees for its batch rows, later selects / truncates
+    them for the rows the scheduler verifies, walks them, and passes the
+    walk to observe: the draft top-k and group ride on the TreeBatch, and
+    observe writes each row's accepted count (or -1 without a tree)."""
+    rec = random_record(P=3, D=6, K=4)
+    pol = CalibratedPolicy(6)
+    lp, tk = rec.topk_logprobs[:, 0], rec.topk_tokens[:, 0]
+    state = pol.new_state(3)
+    state["prev_accepted"] = torch.tensor([0, 4, 9])
+    trees = pol.build(lp, tk, 10, state)
+    assert trees.group.tolist() == [0, 2, 3]
+    verified = trees.select([2, 0, 1]).truncate(torch.tensor([5, 0, 10]))
+    assert verified.draft_tokens.shape == (3, 6, 4) and verified.group.tolist() == [3, 0, 2]
+    target = torch.stack([
+        targets_from_record(
+            rec.tokens[[2, 0, 1]][i : i + 1], torch.zeros(1, dtype=torch.long), verified.depths[i : i + 1])[0]
+        for i in range(3)])
+    res = accept_walk(verified, target)
+    before = pol.tested.sum().item()
+    new_state = pol.new_state(3)
+    pol.observe(verified, res, new_state)
+    assert new_state["prev_accepted"].tolist() == [int(res.num_accepted[0]), -1, int(res.num_accepted[2])]
+    assert pol.tested.sum().item() > before

@@ -9,13 +9,35 @@ A policy is one object with
 
 `TreeBatch.scores` are log P^(u), best-first, ancestor-closed (any prefix is a
 tree), so the runtime budget (core.budget) can truncate them by the same
-surrogate S(T) = sum P^(u).
+surrogate S(T) = sum P^(u). The replay lab (core.replay) evaluates exactly
+these objects.
 
-Baselines kept for comparison (the replay lab evaluates them and the new
-policy through this same interface):
-  * `ChainPolicy`: the top-1 chain of the first `depth` depths (vLLM's DFlash);
+Policies:
+  * `CalibratedPolicy`: BASTION's policy (see its docstring);
   * `BestFirstPolicy`: BASTION's published rule (raw path confidence), or, with
-    an `AcceptanceCalibrator`, the calibrated rule exactly as the runner calls it.
+    an `AcceptanceCalibrator`, the previous calibrated rule exactly as the
+    runner calls it (kept for comparison);
+  * `ChainPolicy`: the top-1 chain of the first `depth` depths (vLLM's DFlash).
+
+Runner wiring (per engine: one policy object; per step, same batch rows):
+
+    # init
+    policy = CalibratedPolicy(cfg.draft_depth, topk=min(cfg.topk, cfg.max_nodes), device=device)
+    state = None
+    # _sample, after accept_walk(step.trees, target): learn, and carry each
+    # row's accepted count to the trees proposed in this same step
+    state = policy.new_state(num_reqs, device)
+    policy.observe(step.trees, result, state)
+    # propose_draft_token_ids (rows = the same input-batch rows as in _sample)
+    if state is None or state["prev_accepted"].shape[0] != num_reqs:
+        state = policy.new_state(num_reqs, device)
+    trees = policy.build(logp, toks, cfg.max_nodes, state)
+
+`step.trees` must be the proposed TreeBatch after `select`/`truncate` (both
+carry the fields the policy needs: draft_logprobs, draft_tokens, group);
+rows without a tree (num_nodes == 0) are ignored by `observe` and get
+prev_accepted = -1. Nothing else is per request: the learned table is shared
+by the engine.
 """
 
 from __future__ import annotations
