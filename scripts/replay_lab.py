@@ -5,7 +5,9 @@
     python scripts/replay_lab.py engine --set demo             # real vLLM runs (chain, BASTION fixed 15)
     python scripts/replay_lab.py fidelity --set demo           # lab vs engine table
     python scripts/replay_lab.py curves                        # accepted length vs node budget
-    python scripts/replay_lab.py sampled --set stdlib          # T = 1 / top-p records + curves
+    python scripts/replay_lab.py sampled_record --set stdlib --n 16 [--top-p 0.9]   # T = 1 / top-p record
+    python scripts/replay_lab.py sampled                       # expected accepted length curves
+    python scripts/replay_lab.py timing                        # policy build / observe ms
 
 Records are cached under --cache (default ~/.cache/vllm_bastion/replay);
 tables, JSON and plots go to results/replay_*.
@@ -258,6 +260,18 @@ def cmd_curves(args) -> None:
         f.write(curves_markdown(out))
     plot_curves(out, os.path.join(RESULTS, f"replay_{tag}.png"))
     print(f"wrote results/replay_{tag}.{{json,md,png}}")
+
+
+def cmd_sampled(args) -> None:
+    """Curves on the sampled records in the cache (expected accepted length)."""
+    import torch
+
+    torch.set_num_threads(1)
+    out = {"nodes": list(NODES), "sets": {}, "sampled": sampled_curves(args)}
+    dump_json(out, os.path.join(RESULTS, "replay_sampled.json"))
+    with open(os.path.join(RESULTS, "replay_sampled.md"), "w") as f:
+        f.write(curves_markdown(out))
+    print("wrote results/replay_sampled.{json,md}")
 
 
 def sampled_curves(args) -> dict:
