@@ -206,11 +206,13 @@ def install_drafter_position_fix(worker) -> bool:
         orig(step, result)
         if step.attn is None:
             return
-        counts = torch.from_numpy(step.rows_per_req)
-        starts = torch.from_numpy(step.row_starts)
-        rows = torch.repeat_interleave(starts, counts) + torch.cat([torch.arange(int(c)) for c in counts])
-        pos = torch.repeat_interleave(torch.from_numpy(step.root_pos), counts) + torch.cat(
-            [torch.arange(int(c)) for c in counts])
+        # tree requests only (a prefill chunk's rows keep their positions)
+        tree = torch.from_numpy(step.rows_per_req > 1)
+        counts = torch.from_numpy(step.rows_per_req)[tree]
+        starts = torch.from_numpy(step.row_starts)[tree]
+        col = torch.cat([torch.arange(int(c)) for c in counts])
+        rows = torch.repeat_interleave(starts, counts) + col
+        pos = torch.repeat_interleave(torch.from_numpy(step.root_pos)[tree], counts) + col
         runner.positions[rows.to(runner.positions.device)] = pos.to(runner.positions)
 
     runner._bastion_compact = compact
