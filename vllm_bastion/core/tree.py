@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 NEG_INF = float("-inf")
+CLASS_CAP = 2  # path classes 0, 1, 2+ (core.acceptance.NUM_CLASSES - 1)
 
 
 @dataclass
@@ -43,6 +44,11 @@ class TreeBatch:
     scores: torch.Tensor  # float32; log P(u); 0 for root, -inf for padding
     num_nodes: torch.Tensor  # int64 [B]; draft nodes, root excluded
     node_logq: torch.Tensor | None = None  # float32; the node's own per-depth log-prob
+    # optional, for policies that learn from walks (core.policy); all per row:
+    classes: torch.Tensor | None = None  # int64 [B, W]; non-top-1 choices on the path (capped), -1 padding
+    draft_logprobs: torch.Tensor | None = None  # [B, D, K] the drafter top-k the tree was grown from
+    draft_tokens: torch.Tensor | None = None  # [B, D, K]
+    group: torch.Tensor | None = None  # int64 [B]; the policy's per-request group (regime) at build
 
     @property
     def batch_size(self) -> int:
@@ -65,6 +71,10 @@ class TreeBatch:
         """
         num_nodes = torch.minimum(num_nodes.to(self.num_nodes), self.num_nodes)
         width = int(num_nodes.max().item()) + 1 if num_nodes.numel() else 1
+
+        def cut(x):
+            return None if x is None else x[:, :width].clone()
+
         t = TreeBatch(
             tokens=self.tokens[:, :width].clone(),
             parents=self.parents[:, :width].clone(),
@@ -72,7 +82,11 @@ class TreeBatch:
             ranks=self.ranks[:, :width].clone(),
             scores=self.scores[:, :width].clone(),
             num_nodes=num_nodes.clone(),
-            node_logq=None if self.node_logq is None else self.node_logq[:, :width].clone(),
+            node_logq=cut(self.node_logq),
+            classes=cut(self.classes),
+            draft_logprobs=self.draft_logprobs,
+            draft_tokens=self.draft_tokens,
+            group=self.group,
         )
         t._pad_invalid()
         return t
@@ -86,18 +100,15 @@ class TreeBatch:
         self.scores.masked_fill_(invalid, NEG_INF)
         if self.node_logq is not None:
             self.node_logq.masked_fill_(invalid, NEG_INF)
+        if self.classes is not None:
+            self.classes.masked_fill_(invalid, -1)
 
     def select(self, rows: torch.Tensor | list[int]) -> TreeBatch:
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.tokens.device)
-        return TreeBatch(
-            tokens=self.tokens[rows],
-            parents=self.parents[rows],
-            depths=self.depths[rows],
-            ranks=self.ranks[rows],
-            scores=self.scores[rows],
-            num_nodes=self.num_nodes[rows],
-            node_logq=None if self.node_logq is None else self.node_logq[rows],
-        )
+        return TreeBatch(**{
+            k: (None if getattr(self, k) is None else getattr(self, k)[rows])
+            for k in self.__dataclass_fields__
+        })
 
     def to(self, device: torch.device | str) -> TreeBatch:
         return TreeBatch(**{
@@ -216,10 +227,11 @@ def build_best_first_trees(
     level_ranks: list[torch.Tensor] = []
     level_logq: list[torch.Tensor] = []
 
+    C = class_values.shape[2] if class_values is not None else CLASS_CAP + 1
+    rank_off = (torch.arange(K, device=device) > 0).long()  # a non-top-1 choice
+    level_classes: list[torch.Tensor] = []
     if class_values is not None:
-        C = class_values.shape[2]
         cv = class_values.float()
-        rank_off = (torch.arange(K, device=device) > 0).long()  # a non-top-1 choice
         b_idx = torch.arange(B, device=device)[:, None, None]
         k_idx = torch.arange(K, device=device)[None, None, :]
     if M > 0 and D > 0 and K > 0:
@@ -241,8 +253,8 @@ def build_best_first_trees(
             sc = sc.masked_fill(~alive, NEG_INF)
             slot = idx // K
             rk = idx % K
-            if class_values is not None:
-                prev_cls = (prev_cls.gather(1, slot) + (rk > 0).long()).clamp(max=C - 1)
+            prev_cls = (prev_cls.gather(1, slot) + (rk > 0).long()).clamp(max=C - 1)
+            level_classes.append(prev_cls)
             level_scores.append(sc)
             level_parent_slot.append(slot if d > 0 else torch.full_like(slot, -1))
             level_tokens.append(toks[:, d, :].gather(1, rk))
@@ -319,7 +331,11 @@ def build_best_first_trees(
     node_logq = torch.cat(
         [torch.full((B, 1), NEG_INF, device=device), torch.cat(level_logq, dim=1).gather(1, order)], 1
     )
-    trees = TreeBatch(tokens, parents, depths, ranks, scores, n.to(torch.long), node_logq)
+    classes = torch.cat(
+        [torch.zeros((B, 1), dtype=torch.long, device=device), torch.cat(level_classes, dim=1).gather(1, order)], 1
+    )
+    trees = TreeBatch(tokens, parents, depths, ranks, scores, n.to(torch.long), node_logq, classes,
+                      draft_logprobs=topk_logprobs, draft_tokens=topk_tokens)
     trees._pad_invalid()
     return trees
 
@@ -334,6 +350,7 @@ def _empty_trees(B: int, device: torch.device | str) -> TreeBatch:
         scores=torch.zeros((B, 1), device=device),
         num_nodes=torch.zeros(B, dtype=torch.long, device=device),
         node_logq=torch.full((B, 1), NEG_INF, device=device),
+        classes=z.clone(),
     )
 
 
