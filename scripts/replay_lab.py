@@ -2,7 +2,7 @@
 
     python scripts/replay_lab.py continuations --set demo      # vLLM greedy outputs (no speculation)
     python scripts/replay_lab.py record --set demo             # drafter top-k at every position
-    python scripts/replay_lab.py engine --set demo             # real vLLM runs (chain, BASTION fixed 15)
+    python scripts/replay_lab.py engine --set demo [--position-fix]   # real vLLM runs (chain, BASTION fixed)
     python scripts/replay_lab.py fidelity --set demo           # lab vs engine table
     python scripts/replay_lab.py curves                        # accepted length vs node budget
     python scripts/replay_lab.py sampled_record --set stdlib --n 16 [--top-p 0.9]   # T = 1 / top-p record
@@ -11,6 +11,13 @@
 
 Records are cached under --cache (default ~/.cache/vllm_bastion/replay);
 tables, JSON and plots go to results/replay_*.
+
+Sets: demo (the main job's 8 held-out prompts), stdlib (held-out prompts
+2..33), dev (34..63, for tuning), humaneval (164 problems), tables (held-out
+code-page tables, where the chain runs deep). The drafter is recorded as
+vLLM 0.32 computes it (--context-k-norm first_layer, see
+tools/replay_record.py); `engine --position-fix` patches, in the worker only,
+the runner bug that gives the drafter wrong context after a tree verify.
 """
 
 from __future__ import annotations
