@@ -53,7 +53,7 @@ from vllm_bastion.tools.benchmark import (  # noqa: E402
     load_prompts,
     recommended_preload,
     resolve_pair,
-    run_method,
+    run_method_batches,
     runtime_description,
     speculative_config,
 )
@@ -232,7 +232,28 @@ def markdown_tables(results: list[dict], summary: list[dict]) -> str:
                   "|---|---|---|---|"]
         lines += [f"| {m} | {b} | {k[len('step_cost_'):-len('_vs_chain')]} | {v:.3f} |"
                   for m, b, k, v in costs]
+    lines += phase_table(results)
     return "\n".join(lines)
+
+
+PHASES = ("verify_forward", "tree_attention", "node_processing", "target_tokens", "walk",
+          "compaction", "logprobs", "draft", "tree_build", "budget", "build_step")
+
+
+def phase_table(results: list[dict]) -> list[str]:
+    """BASTION's own step breakdown (host wall ms per engine step, its phase
+    timers): where a BASTION step's time goes, per run."""
+    rows = [r for r in results if (r.get("tree") or {}).get("time_per_step")]
+    if not rows:
+        return []
+    out = ["", "| mode | batch | method | " + " | ".join(PHASES) + " | step total (ms) |",
+           "|---|---|---|" + "---|" * (len(PHASES) + 1)]
+    for r in rows:
+        t = r["tree"]["time_per_step"]
+        out.append(f"| {r['mode']} | {r['batch_size']} | {label(r['method'])} | "
+                   + " | ".join(f"{t.get(p + '_ms', 0.0):.2f}" for p in PHASES)
+                   + f" | {t.get('step_total_ms', 0.0):.2f} |")
+    return out
 
 
 def write_outputs(results: list[dict], summary: list[dict], out: str, meta: dict) -> None:
@@ -339,26 +360,37 @@ def main(argv=None) -> int:
     log_dir = os.path.join(os.path.dirname(os.path.abspath(out)) or ".", "logs")
     os.makedirs(log_dir, exist_ok=True)
     results = []
+    def save():  # survives a later failure
+        with open(out + ".partial.json", "w") as f:
+            json.dump([{k: v for k, v in x.items() if k != "outputs"} for x in results], f)
+
+    def batch_prompts(bsz):
+        n = max(args.num_prompts, bsz)
+        n = -(-n // bsz) * bsz
+        return [pool[i % len(pool)] for i in range(n)]
+
     for mode in args.modes:
         methods = args.methods if mode == "offline" else args.server_methods
-        for bsz in batches[mode]:
-            n = max(args.num_prompts, bsz)
-            n = -(-n // bsz) * bsz
-            prompts = [pool[i % len(pool)] for i in range(n)]
-            for method in methods:
-                print(f"[{mode}] batch {bsz}: {label(method)} ...", flush=True)
-                kw = dict(batch_size=bsz, max_tokens=args.max_tokens, depth=depth,
-                          enforce_eager=args.enforce_eager, warmup_prompts=warm)
-                if mode == "offline":
-                    r = run_method(method, target, drafter, prompts, **kw)
-                else:
-                    r = run_server(method, target, drafter, prompts, log_dir=log_dir, **kw)
+        kw = dict(max_tokens=args.max_tokens, depth=depth, enforce_eager=args.enforce_eager,
+                  warmup_prompts=warm)
+        for method in methods:
+            if mode == "offline":  # one engine per method, every batch size
+                print(f"[{mode}] {label(method)}, batch sizes {batches[mode]} ...", flush=True)
+                runs = run_method_batches(method, target, drafter,
+                                          {b: batch_prompts(b) for b in batches[mode]}, **kw)
+            else:
+                runs = []
+                for bsz in batches[mode]:
+                    print(f"[{mode}] batch {bsz}: {label(method)} ...", flush=True)
+                    runs.append(run_server(method, target, drafter, batch_prompts(bsz),
+                                           log_dir=log_dir, batch_size=bsz, **kw))
+            for r in runs:
                 r["mode"] = mode
                 results.append(r)
-                print(f"    {r['tokens_per_s']:.1f} tok/s, accepted length {r['mean_accepted_length']:.2f}",
-                      flush=True)
-                with open(out + ".partial.json", "w") as f:  # survives a later failure
-                    json.dump([{k: v for k, v in x.items() if k != "outputs"} for x in results], f)
+                print(f"    batch {r['batch_size']}: {r['tokens_per_s']:.1f} tok/s, accepted length "
+                      f"{r['mean_accepted_length']:.2f}", flush=True)
+            save()
+    results.sort(key=lambda r: (args.modes.index(r["mode"]), r["batch_size"]))
     base = {(r["mode"], r["batch_size"]): r["outputs"] for r in results if r["method"] == "ar"}
     lossless = True
     for r in results:

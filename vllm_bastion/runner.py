@@ -330,7 +330,6 @@ class BastionRunnerMixin:
         self._bastion_plan = None
         self.input_batch.update_async_output_token_ids()
         timer = self.bastion_stats.timer
-        t0 = now()
         counts = plan.sampled_rows
         pos_rows = plan.root_pos.repeat_interleave(counts) + sampled_row_depths(plan) + 1
         tok, processed = self._bastion_choose(logits, plan.trees, counts, pos_rows)

@@ -155,30 +155,50 @@ def run_method(method: str, target: str, drafter: str, prompts: list[str], *, ba
                warmup_prompts: list[str] = (), max_model_len: int = 2048) -> dict:
     """Generate `prompts` with one method, in batches of `batch_size` requests
     (after an untimed warm-up on `warmup_prompts`)."""
+    return run_method_batches(method, target, drafter, {batch_size: prompts}, max_tokens=max_tokens,
+                              depth=depth, enforce_eager=enforce_eager, bastion=bastion,
+                              warmup_prompts=warmup_prompts, max_model_len=max_model_len)[0]
+
+
+def run_method_batches(method: str, target: str, drafter: str, prompts: dict[int, list[str]], *,
+                       max_tokens: int, depth: int, enforce_eager: bool, bastion: dict | None = None,
+                       warmup_prompts: list[str] = (), max_model_len: int = 2048) -> list[dict]:
+    """One engine for `method`; for every batch size b in `prompts` (in
+    order), generate prompts[b] in groups of b requests, timed separately
+    (after one untimed warm-up on `warmup_prompts`, which also compiles).
+    A BASTION engine keeps what it learned from one batch size to the next,
+    as a server does when its load changes."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=target, max_model_len=max_model_len, seed=0, enforce_eager=enforce_eager,
-              max_num_seqs=max(batch_size, 4), disable_log_stats=False,
+              max_num_seqs=max(max(prompts), 4), disable_log_stats=False,
               speculative_config=speculative_config(method, drafter, depth, bastion))
     sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     is_bastion = method.startswith("bastion")
+    results = []
     try:
         if warmup_prompts:  # warm-up (and compilation)
             llm.generate(list(warmup_prompts), sp, use_tqdm=False)
-        if is_bastion:
-            llm.collective_rpc("bastion_reset_stats")
-        before = spec_counters(llm)
-        outs = []
-        t0 = time.perf_counter()
-        for i in range(0, len(prompts), batch_size):
-            outs += llm.generate(prompts[i : i + batch_size], sp, use_tqdm=False)
-        wall = time.perf_counter() - t0
-        after = spec_counters(llm)
-        tree = llm.collective_rpc("bastion_stats")[0] if is_bastion else {}
+        for batch_size, ps in prompts.items():
+            if is_bastion:
+                llm.collective_rpc("bastion_reset_stats")
+            before = spec_counters(llm)
+            outs = []
+            t0 = time.perf_counter()
+            for i in range(0, len(ps), batch_size):
+                outs += llm.generate(ps[i : i + batch_size], sp, use_tqdm=False)
+            wall = time.perf_counter() - t0
+            after = spec_counters(llm)
+            tree = llm.collective_rpc("bastion_stats")[0] if is_bastion else {}
+            results.append(_run_result(method, batch_size, ps, outs, wall, before, after, tree))
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+    return results
+
+
+def _run_result(method, batch_size, prompts, outs, wall, before, after, tree) -> dict:
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
 
     def delta(name):
