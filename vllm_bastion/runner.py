@@ -491,6 +491,9 @@ class BastionRunnerMixin:
         drafts = self._bastion_gate(eligible, ctx_end)
         table["drafted"][:] = drafts
         self.bastion_stats.observe_drafting(int(eligible.sum()), int(drafts.sum()))
+        if cfg.drafting == "never":  # the drafter never needs its context
+            self._bastion_pending = None
+            return [[] for _ in req_ids]
 
         backlog = self._bastion_get_backlog(aux_hidden_states)
         slots = table["slot"]

@@ -67,24 +67,37 @@ def _children(parents: list[int]) -> list[list[int]]:
     return kids
 
 
-def prune_tree(grammar, req_id: str, tokens: list[int], parents: list[int]) -> ScheduledTree:
-    """Keep the nodes the grammar accepts after their own path (and nothing
-    below a rejected or terminating node). The matcher ends where it began."""
+def _walk(grammar, tokens: list[int], parents: list[int], enter) -> list[list[int]]:
+    """Depth-first over the tree with the request's matcher: `enter(i, tok)`
+    is called for node i with the matcher after i's parent's path and
+    returns True when it advanced the matcher into i (then i's subtree is
+    visited and the matcher rolled back out of i afterwards). The matcher
+    ends where it began. Returns the children lists."""
     kids = _children(parents)
-    keep = [False] * (len(tokens) + 1)
     stack = [(c, False) for c in reversed(kids[0])]
     while stack:
         i, leaving = stack.pop()
         if leaving:
             grammar.rollback(1)
-            continue
-        tok = tokens[i - 1]
+        elif enter(i, tokens[i - 1]):
+            stack.append((i, True))
+            stack.extend((c, False) for c in reversed(kids[i]))
+    return kids
+
+
+def prune_tree(grammar, req_id: str, tokens: list[int], parents: list[int]) -> ScheduledTree:
+    """Keep the nodes the grammar accepts after their own path (and nothing
+    below a rejected or terminating node). The matcher ends where it began."""
+    keep = [False] * (len(tokens) + 1)
+
+    def enter(i, tok):
         if grammar.is_terminated() or grammar.validate_tokens([tok]) != [tok]:
-            continue
+            return False
         grammar.accept_tokens(req_id, [tok])
         keep[i] = True
-        stack.append((i, True))
-        stack.extend((c, False) for c in reversed(kids[i]))
+        return True
+
+    _walk(grammar, tokens, parents, enter)
     kept = [i for i in range(1, len(tokens) + 1) if keep[i]]
     new = {old: j for j, old in enumerate(kept, 1)}
     return ScheduledTree([tokens[i - 1] for i in kept],
@@ -102,31 +115,28 @@ def fill_tree_bitmask(grammar, req_id: str, bitmask, base: int, tokens: list[int
         else:
             grammar.fill_bitmask(bitmask, row)
 
-    fill(base)
-    kids = _children(parents)
-    stack = [(c, False) for c in reversed(kids[0])]
-    while stack:
-        i, leaving = stack.pop()
-        if leaving:
-            grammar.rollback(1)
-            continue
-        tok = tokens[i - 1]
+    rejected = []
+
+    def enter(i, tok):
         if grammar.is_terminated() or not grammar.accept_tokens(req_id, [tok]):
-            # cannot happen after pruning; never accepted anyway (the parent's
-            # mask forbids its token): reuse the parent's mask for its subtree
-            if not _warned["rejected"]:
-                _warned["rejected"] = True
-                logger.warning("BASTION: grammar rejected a pruned draft node of request %s",
-                               req_id)
-            src = base + parents[i - 1]
-            sub = [i]
-            for j in sub:
-                bitmask[base + j].copy_(bitmask[src])
-                sub.extend(kids[j])
-            continue
+            rejected.append(i)
+            return False
         fill(base + i)
-        stack.append((i, True))
-        stack.extend((c, False) for c in reversed(kids[i]))
+        return True
+
+    fill(base)
+    kids = _walk(grammar, tokens, parents, enter)
+    for i in rejected:
+        # cannot happen after pruning; never accepted anyway (the parent's
+        # mask forbids its token): its subtree reuses the parent's mask
+        if not _warned["rejected"]:
+            _warned["rejected"] = True
+            logger.warning("BASTION: grammar rejected a pruned draft node of request %s", req_id)
+        src = base + parents[i - 1]
+        sub = [i]
+        for j in sub:
+            bitmask[base + j].copy_(bitmask[src])
+            sub.extend(kids[j])
 
 
 def _reasoning(manager, request) -> bool:

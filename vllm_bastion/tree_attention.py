@@ -98,24 +98,8 @@ class TreeAttentionStep:
         if getattr(cad, "positions", None) is not None:
             sub.positions = cad.positions[rows]
         md = attn_group.build_metadata(sub)
-        reqs = plan.tree_reqs
-
-        def dev(x, dtype=torch.int32):
-            return x.to(dtype).to(device)
-
-        return cls(
-            backend_rows=rows,
-            backend_metadata=md,
-            tree_req=dev(reqs),
-            row_start=dev(plan.row_start[reqs]),
-            first_col=dev(1 + plan.spine_len[reqs], torch.int64),
-            num_nodes=dev(plan.trees.num_nodes[reqs]),
-            prefix_len=dev(plan.root_pos[reqs]),
-            anc_bits=plan.anc_bits.to(device),
-            max_nodes=max_nodes,
-            block_size=block_size,
-            num_blocks=num_blocks,
-        )
+        return cls(backend_rows=rows, backend_metadata=md,
+                   **_tree_fields(plan, device, max_nodes, block_size, num_blocks))
 
     @classmethod
     def build_chain_exact(cls, plan, cad, attn_group, device, *, block_size: int,
@@ -187,27 +171,9 @@ class TreeAttentionStep:
             r_rows = row_start[w.restore_req] + w.restore_col
             restore_rows = r_rows.to(device)
             restore_slots = cad.slot_mapping[r_rows.to(cad.slot_mapping.device)]
-        reqs = plan.tree_reqs
-
-        def dev(x, dtype=torch.int32):
-            return x.to(dtype).to(device)
-
-        return cls(
-            backend_rows=rows.to(device),
-            backend_metadata=md,
-            tree_req=dev(reqs),
-            row_start=dev(plan.row_start[reqs]),
-            first_col=dev(1 + plan.spine_len[reqs], torch.int64),
-            num_nodes=dev(plan.trees.num_nodes[reqs]),
-            prefix_len=dev(plan.root_pos[reqs]),
-            anc_bits=plan.anc_bits.to(device) if plan.anc_bits is not None else None,
-            max_nodes=max_nodes,
-            block_size=block_size,
-            num_blocks=num_blocks,
-            waves=waves,
-            restore_rows=restore_rows,
-            restore_slots=restore_slots,
-        )
+        return cls(backend_rows=rows.to(device), backend_metadata=md,
+                   waves=waves, restore_rows=restore_rows, restore_slots=restore_slots,
+                   **_tree_fields(plan, device, max_nodes, block_size, num_blocks))
 
     def torch_plan(self, block_table: torch.Tensor) -> "_TorchPlan":
         if self._plan is None:
@@ -258,6 +224,26 @@ class _TorchPlan:
         v = torch.cat([vp.to(value.dtype), value[self.tree_rows]], dim=1)
         o = masked_attention(query[self.q_rows], k, v, self.mask, scale)
         out3[self.out_rows] = o[self.q_ok].to(out3.dtype)
+
+
+def _tree_fields(plan, device, max_nodes: int, block_size: int, num_blocks: int) -> dict:
+    """The TreeAttentionStep fields of the step's requests with branch rows."""
+    reqs = plan.tree_reqs
+
+    def dev(x, dtype=torch.int32):
+        return x.to(dtype).to(device)
+
+    return dict(
+        tree_req=dev(reqs),
+        row_start=dev(plan.row_start[reqs]),
+        first_col=dev(1 + plan.spine_len[reqs], torch.int64),
+        num_nodes=dev(plan.trees.num_nodes[reqs]),
+        prefix_len=dev(plan.root_pos[reqs]),
+        anc_bits=plan.anc_bits.to(device) if plan.anc_bits is not None else None,
+        max_nodes=max_nodes,
+        block_size=block_size,
+        num_blocks=num_blocks,
+    )
 
 
 # vLLM's CPU attention computes a query tile of up to MaxQHeadNumPerIteration
