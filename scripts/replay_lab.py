@@ -569,7 +569,7 @@ def cmd_diagnose(args) -> None:
             "bastion_fixed64_raw": (lambda: BestFirstPolicy(), 64)}
     pols |= {f"new_fixed{n}": (lambda: CalibratedPolicy(DEPTH), n) for n in (15, 32, 64)}
     out = {"record": os.path.basename(record_path(args, args.set)), "configs": {}}
-    lines = ["| config | steps | engine acc/step | lab on engine top-k: differing steps | "
+    lines = ["| config | steps | engine accepted length | lab on engine top-k: differing steps (accepted length) | "
              "record top-k at engine steps: per-step effect | top-1 differs (first at depth >= 4) | "
              "record top-1/top-2 gap there (median) | lab under noise: mean (sd, range) |",
              "|---|---|---|---|---|---|---|---|"]
