@@ -2,22 +2,29 @@
 
     python scripts/replay_lab.py continuations --set demo      # vLLM greedy outputs (no speculation)
     python scripts/replay_lab.py record --set demo             # drafter top-k at every position
-    python scripts/replay_lab.py engine --set demo [--position-fix]   # real vLLM runs (chain, BASTION fixed)
+    python scripts/replay_lab.py engine --set demo             # real vLLM runs (chain, BASTION fixed, new policy)
     python scripts/replay_lab.py fidelity --set demo           # lab vs engine table
+    python scripts/replay_lab.py diagnose --set demo           # where lab and engine differ
     python scripts/replay_lab.py curves                        # accepted length vs node budget
     python scripts/replay_lab.py sampled_record --set stdlib --n 16 [--top-p 0.9]   # T = 1 / top-p record
-    python scripts/replay_lab.py sampled                       # expected accepted length curves
+    python scripts/replay_lab.py sampled [--sets stdlib]       # expected accepted length curves (T = 1 records)
+    python scripts/replay_lab.py engine --set stdlib --n 16 --engine-temperature 1   # sampled engine runs
+    python scripts/replay_lab.py sampled_fidelity --set stdlib --engine-temperature 1  # vs the T = 1 record
     python scripts/replay_lab.py timing                        # policy build / observe ms
 
-Records are cached under --cache (default ~/.cache/vllm_bastion/replay);
-tables, JSON and plots go to results/replay_*.
+Records and engine results are cached under --cache (default
+~/.cache/vllm_bastion/replay); tables and JSON go to docs/replay/ (--out),
+the greedy curves' plot to docs/replay_curves.png. docs/replay.md collects
+the tables and the commands that made them.
 
 Sets: demo (the main job's 8 held-out prompts), stdlib (held-out prompts
 2..33), dev (34..63, for tuning), humaneval (164 problems), tables (held-out
 code-page tables, where the chain runs deep). The drafter is recorded as
 vLLM 0.32 computes it (--context-k-norm first_layer, see
-tools/replay_record.py); `engine --position-fix` patches, in the worker only,
-the runner bug that gives the drafter wrong context after a tree verify.
+tools/replay_record.py). Engine results are stored as <set>_engine_v2.json:
+runs of the runner that feeds the drafter only the accepted rows (older
+<set>_engine*.json files came from a runner whose rejected tree rows
+overwrote the drafter's context K/V, and are not read).
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "results")
+DOCS = os.path.join(ROOT, "docs")
+ENGINE_FILE = "{set}_engine_v2.json"
 DEPTH = 15
 MAX_TOKENS = 128
 
@@ -41,6 +49,11 @@ def cache_dir(args) -> str:
     d = os.path.expanduser(args.cache)
     os.makedirs(d, exist_ok=True)
     return d
+
+
+def out_dir(args) -> str:
+    os.makedirs(args.out, exist_ok=True)
+    return args.out
 
 
 def pair():
@@ -131,12 +144,21 @@ def engine_configs() -> dict[str, tuple[str, dict | None]]:
     }
 
 
+def engine_path(args) -> str:
+    name = ENGINE_FILE.format(set=args.set)
+    if args.engine_temperature > 0:
+        name = name.replace(".json", f"_T{args.engine_temperature:g}_p{args.top_p:g}.json")
+    return os.path.join(cache_dir(args), name)
+
+
 def cmd_engine(args) -> None:
+    """Real vLLM runs of `engine_configs()` on the --set prompts, batch 1
+    (greedy, or sampled with --engine-temperature / --top-p)."""
     from vllm_bastion.tools.replay_record import engine_run, prompt_set
 
     target, drafter = pair()
     prompts, _ = prompt_set(args.set, target, args.n)
-    path = os.path.join(cache_dir(args), f"{args.set}_engine{'_fix' if args.position_fix else ''}.json")
+    path = engine_path(args)
     res = load_json(path) if os.path.isfile(path) else {}
     for name, (method, extra) in engine_configs().items():
         if args.only and name not in args.only:
@@ -146,10 +168,8 @@ def cmd_engine(args) -> None:
         if extra is not None:
             extra = dict(extra, model=drafter, stats_log_interval_s=0)
             policy = extra.pop("_policy", None)
-            if policy is not None and not args.position_fix:
-                continue  # the new policy is measured on the fixed engine only
         r = engine_run(method, target, drafter, prompts, max_tokens=args.max_tokens, depth=DEPTH, bastion=extra,
-                       position_fix=args.position_fix and method == "bastion", policy=policy)
+                       policy=policy, temperature=args.engine_temperature, top_p=args.top_p, seed=args.seed)
         r["seconds"] = time.time() - t0
         res[name] = r
         print(f"{name}: mean accepted length {r['mean_accepted_length']:.4f} "
@@ -262,11 +282,11 @@ def cmd_curves(args) -> None:
     if args.sampled:
         out["sampled"] = sampled_curves(args)
     tag = args.tag or "curves"
-    dump_json(out, os.path.join(RESULTS, f"replay_{tag}.json"))
-    with open(os.path.join(RESULTS, f"replay_{tag}.md"), "w") as f:
+    dump_json(out, os.path.join(out_dir(args), f"{tag}.json"))
+    with open(os.path.join(out_dir(args), f"{tag}.md"), "w") as f:
         f.write(curves_markdown(out))
-    plot_curves(out, os.path.join(RESULTS, f"replay_{tag}.png"))
-    print(f"wrote results/replay_{tag}.{{json,md,png}}")
+    plot_curves(out, os.path.join(DOCS, f"replay_{tag}.png"))
+    print(f"wrote {out_dir(args)}/{tag}.{{json,md}}, docs/replay_{tag}.png")
 
 
 def cmd_sampled(args) -> None:
@@ -275,10 +295,10 @@ def cmd_sampled(args) -> None:
 
     torch.set_num_threads(1)
     out = {"nodes": list(NODES), "sets": {}, "sampled": sampled_curves(args)}
-    dump_json(out, os.path.join(RESULTS, "replay_sampled.json"))
-    with open(os.path.join(RESULTS, "replay_sampled.md"), "w") as f:
+    dump_json(out, os.path.join(out_dir(args), "sampled.json"))
+    with open(os.path.join(out_dir(args), "sampled.md"), "w") as f:
         f.write(curves_markdown(out))
-    print("wrote results/replay_sampled.{json,md}")
+    print(f"wrote {out_dir(args)}/sampled.{{json,md}}")
 
 
 def sampled_curves(args) -> dict:
@@ -288,7 +308,11 @@ def sampled_curves(args) -> dict:
 
     res = {}
     for path in sorted(os.listdir(cache_dir(args))):
-        if "_sampled_" not in path:
+        if "_sampled_" not in path or not path.endswith(".pt"):
+            continue
+        if args.sets and path.split("_sampled_")[0] not in args.sets:
+            continue
+        if args.top_p_only is not None and f"_p{args.top_p_only:g}.pt" not in path:
             continue
         rec = ReplayRecord.load(os.path.join(cache_dir(args), path))
         key = path[: -len(".pt")]
@@ -403,53 +427,205 @@ def cmd_timing(args) -> None:
             out[f"{name}_B{B}"] = {"build_ms": round(tb, 3), "observe_ms": round(to, 3)}
             lines.append(f"| {B} | {LABELS[name]} | {tb:.2f} | {to:.2f} |")
     print("\n".join(lines))
-    dump_json(out, os.path.join(RESULTS, "replay_timing.json"))
-    with open(os.path.join(RESULTS, "replay_timing.md"), "w") as f:
+    dump_json(out, os.path.join(out_dir(args), "timing.json"))
+    with open(os.path.join(out_dir(args), "timing.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
 def cmd_fidelity(args) -> None:
-    """Lab vs engine on the demo prompts (engine runs from `engine`, with and
-    without --position-fix)."""
+    """Lab vs engine on the `--set` prompts (engine runs from `engine`)."""
     from vllm_bastion.core.acceptance import AcceptanceCalibrator
     from vllm_bastion.core.policy import BestFirstPolicy, CalibratedPolicy, ChainPolicy
     from vllm_bastion.core.replay import ReplayRecord, simulate
 
-    rows = []
-    for fix in (False, True):
-        path = os.path.join(cache_dir(args), f"{args.set}_engine{'_fix' if fix else ''}.json")
-        if os.path.isfile(path):
-            for name, r in load_json(path).items():
-                rows.append((name, fix and r.get("position_fix", fix), r["mean_accepted_length"], r["drafts"]))
+    engine = load_json(os.path.join(cache_dir(args), ENGINE_FILE.format(set=args.set)))
     lab_pols = {"chain": lambda: (ChainPolicy(DEPTH), 15),
                 "bastion_fixed15_raw": lambda: (BestFirstPolicy(), 15),
                 "bastion_fixed15_cal": lambda: (BestFirstPolicy(AcceptanceCalibrator(DEPTH)), 15),
                 "bastion_fixed64_raw": lambda: (BestFirstPolicy(), 64)}
     for n in (15, 32, 64):
         lab_pols[f"new_fixed{n}"] = lambda n=n: (CalibratedPolicy(DEPTH), n)
-    out = {"records": {}}
-    lines = ["| config | runner fix | engine accepted length (steps) | lab accepted length (steps) | error |",
+    out = {"set": args.set, "records": {}}
+    lines = ["| config | record | engine accepted length (steps) | lab accepted length (steps) | error |",
              "|---|---|---|---|---|"]
     for feats, ddt, kn in [("fp32", "fp32", "first_layer"), ("bf16", "bf16", "first_layer")]:
         p = record_path(args, args.set, feats, ddt, kn)
         if not os.path.isfile(p):
             continue
         rec = ReplayRecord.load(p)
-        for name, fix, acc, steps in rows:
-            if name not in lab_pols:
+        for name, make in lab_pols.items():
+            if name not in engine:
                 continue
-            pol, N = lab_pols[name]()
+            acc, steps = engine[name]["mean_accepted_length"], engine[name]["drafts"]
+            pol, N = make()
             r = simulate(rec, pol, N, concurrency=1)
             err = 100 * (r.mean_accepted_length / acc - 1)
             out["records"].setdefault(f"{feats}/{ddt}", []).append(
-                {"config": name, "position_fix": bool(fix), "engine": acc, "engine_steps": steps,
+                {"config": name, "engine": acc, "engine_steps": steps,
                  "lab": r.mean_accepted_length, "lab_steps": r.steps, "error_pct": err})
-            fx = "yes" if fix else ("no" if name.startswith(("bastion", "new")) else "n/a")
-            lines.append(f"| {name} (record {feats}/{ddt}) | {fx} | {acc:.4f} ({steps}) | "
+            lines.append(f"| {name} | {feats}/{ddt} | {acc:.4f} ({steps}) | "
                          f"{r.mean_accepted_length:.4f} ({r.steps}) | {err:+.2f}% |")
     print("\n".join(lines))
-    dump_json(out, os.path.join(RESULTS, "replay_fidelity.json"))
-    with open(os.path.join(RESULTS, "replay_fidelity.md"), "w") as f:
+    dump_json(out, os.path.join(out_dir(args), "fidelity.json"))
+    with open(os.path.join(out_dir(args), "fidelity.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def cmd_sampled_fidelity(args) -> None:
+    """Sampled engine runs (`engine --engine-temperature T --top-p P`) vs the
+    lab's expected accepted length on the sampled record of the same set and
+    T/top-p (different trajectories: only means compare), with, per config,
+    the target's probability (transformers, float32) of the depth-1 top-1
+    draft at every captured step along the engine's own outputs."""
+    import torch
+
+    from vllm_bastion.core.replay import ReplayRecord
+    from vllm_bastion.tools.training import _load_target
+
+    torch.set_num_threads(1)
+    eng = load_json(engine_path(args))
+    T = args.engine_temperature
+    rec = ReplayRecord.load(sampled_path(args, temperature=T, top_p=args.top_p))
+    target, _ = pair()
+    m = _load_target(target).float().eval()
+    lab_name = {"chain": "chain", "bastion_fixed15_raw": "published", "bastion_fixed15_cal": "calibrated",
+                "new_fixed15": "new"}
+    lines = [f"| config | engine accepted length (steps) | lab E[accepted length], N = 15 | "
+             f"engine depth-1 acceptance | target p of the depth-1 top-1 draft on the engine's outputs |",
+             "|---|---|---|---|---|"]
+    out = {}
+    for name, r in eng.items():
+        probs, idx = {}, {}
+        ps = []
+        for st in r["steps"]:
+            key = tuple(st["prompt"])
+            j = idx.setdefault(key, len(idx))  # requests run one at a time, in prompt order
+            if j not in probs:
+                with torch.no_grad():
+                    lg = m(input_ids=torch.tensor([list(key) + r["outputs"][j]])).logits[0].float()
+                probs[j] = processed(lg, T, args.top_p)
+            if st["root"] >= len(r["outputs"][j]) - 1:
+                continue
+            d1 = st["drafts"][0] if "drafts" in st else st["tokens"][0][0] if "tokens" in st else None
+            if d1 is not None:
+                ps.append(float(probs[j][len(key) + st["root"], d1]))
+        lab = run_policy(rec, lab_name[name], 15).mean_expected_length if name in lab_name else float("nan")
+        p1 = sum(ps) / max(1, len(ps))
+        out[name] = {"engine": r["mean_accepted_length"], "engine_steps": r["drafts"], "lab_expected": lab,
+                     "engine_depth1_acceptance": r["acceptance_by_depth"][0], "target_p_depth1_top1": p1}
+        lines.append(f"| {name} | {r['mean_accepted_length']:.4f} ({r['drafts']}) | {lab:.3f} | "
+                     f"{r['acceptance_by_depth'][0]:.4f} | {p1:.3f} |")
+        print(lines[-1], flush=True)
+    print("\n".join(lines))
+    tag = f"sampled_fidelity_{args.set}_T{T:g}_p{args.top_p:g}"
+    dump_json(out, os.path.join(out_dir(args), f"{tag}.json"))
+    with open(os.path.join(out_dir(args), f"{tag}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def processed(logits, temperature, top_p):
+    from vllm_bastion.tools.replay_record import processed_probs
+
+    return processed_probs(logits, temperature, top_p)
+
+
+def _engine_steps(eng: dict, name: str, keys: list) -> list:
+    """The captured BASTION steps of one engine config that were walked (every
+    propose of a request but its last), as (prompt index, root, logp, tokens,
+    accepted drafts)."""
+    steps = [s for s in eng[name]["steps"] if "logp" in s]
+    out = []
+    for i, s in enumerate(steps[:-1]):
+        nxt = steps[i + 1]
+        if tuple(nxt["prompt"]) == tuple(s["prompt"]):
+            out.append((keys.index(tuple(s["prompt"])), s["root"], s["logp"], s["tokens"], nxt["root"] - s["root"] - 1))
+    return out
+
+
+def cmd_diagnose(args) -> None:
+    """Where lab and engine differ (greedy fidelity runs, --set): per
+    BASTION config, (1) the lab's policy fed the engine's *own* captured
+    drafter top-k along the engine's trajectory (steps whose accepted count
+    differs from the engine's: 0 = the policy and walk are replayed exactly);
+    (2) at the same steps and policy state, the tree from the record's top-k
+    instead (per-step effect of the drafter numerics); (3) how often the
+    top-1 differs and the record's top-1/top-2 gap there; (4) the lab's
+    spread under N(0, --noise) log-prob noise (8 seeds)."""
+    import statistics
+
+    import torch
+
+    from vllm_bastion.core.acceptance import AcceptanceCalibrator
+    from vllm_bastion.core.policy import BestFirstPolicy, CalibratedPolicy
+    from vllm_bastion.core.replay import ReplayRecord, simulate, targets_from_record
+    from vllm_bastion.core.walk import accept_walk
+
+    torch.set_num_threads(1)
+    eng = load_json(os.path.join(cache_dir(args), ENGINE_FILE.format(set=args.set)))
+    keys = [tuple(p) for p in load_json(os.path.join(cache_dir(args), f"{args.set}_continuations.json"))["prompts"]]
+    rec = ReplayRecord.load(record_path(args, args.set))
+    pols = {"bastion_fixed15_raw": (lambda: BestFirstPolicy(), 15),
+            "bastion_fixed15_cal": (lambda: BestFirstPolicy(AcceptanceCalibrator(DEPTH)), 15),
+            "bastion_fixed64_raw": (lambda: BestFirstPolicy(), 64)}
+    pols |= {f"new_fixed{n}": (lambda: CalibratedPolicy(DEPTH), n) for n in (15, 32, 64)}
+    out = {"record": os.path.basename(record_path(args, args.set)), "configs": {}}
+    lines = ["| config | steps | engine accepted length | lab on engine top-k: differing steps (accepted length) | "
+             "record top-k at engine steps: per-step effect | top-1 differs (first at depth >= 4) | "
+             "record top-1/top-2 gap there (median) | lab under noise: mean (sd, range) |",
+             "|---|---|---|---|---|---|---|---|"]
+    R = rec.topk_tokens.shape[1]
+    for name, (make, N) in pols.items():
+        if name not in eng:
+            continue
+        pol = make()
+        state, prev = None, None
+        eng_acc, lab_acc, rec_acc, gaps, first = [], [], [], [], []
+        for p, root, lp, tk, acc in _engine_steps(eng, name, keys):
+            if p != prev:
+                state, prev = pol.new_state(1), p
+            lp, tk = torch.tensor(lp)[None], torch.tensor(tk)[None]
+            if root < R:
+                st2 = None if state is None else {k: v.clone() for k, v in state.items()}
+                t2 = pol.build(rec.topk_logprobs[p, root][None], rec.topk_tokens[p, root][None], N, st2)
+                r2 = accept_walk(t2, targets_from_record(rec.tokens[p:p + 1], torch.tensor([root]), t2.depths))
+                rec_acc.append(int(r2.num_accepted[0]))
+                diff = (tk[0, :, 0] != rec.topk_tokens[p, root, :, 0]).nonzero()
+                if len(diff):
+                    dep = int(diff[0])
+                    first.append(dep + 1)
+                    gaps.append(float(rec.topk_logprobs[p, root, dep, 0] - rec.topk_logprobs[p, root, dep, 1]))
+            trees = pol.build(lp, tk, N, state)
+            res = accept_walk(trees, targets_from_record(rec.tokens[p:p + 1], torch.tensor([root]), trees.depths))
+            pol.observe(trees, res, state)
+            if root < R:
+                eng_acc.append(acc)
+                lab_acc.append(int(res.num_accepted[0]))
+        n = len(eng_acc)
+        ea, la, ra = (sum(x) / n for x in (eng_acc, lab_acc, rec_acc))
+        base_lp, base_tk = rec.topk_logprobs, rec.topk_tokens
+        noisy = []
+        for seed in range(8):
+            g = torch.Generator().manual_seed(seed)
+            lp_n, order = (base_lp + args.noise * torch.randn(base_lp.shape, generator=g)).sort(-1, descending=True)
+            rec.topk_logprobs, rec.topk_tokens = lp_n, base_tk.gather(-1, order)
+            noisy.append(simulate(rec, make(), N, concurrency=1).mean_accepted_length)
+        rec.topk_logprobs, rec.topk_tokens = base_lp, base_tk
+        m, sd = statistics.mean(noisy), statistics.stdev(noisy)
+        row = {"steps": n, "engine_accepted": ea, "lab_on_engine_topk_accepted": la,
+               "lab_on_engine_topk_differing_steps": sum(a != b for a, b in zip(eng_acc, lab_acc)),
+               "record_topk_accepted": ra, "record_topk_effect_pct": 100 * ((1 + ra) / (1 + la) - 1),
+               "top1_differs": len(first), "first_diff_depth_ge4": sum(d >= 4 for d in first),
+               "gap_median": statistics.median(gaps) if gaps else None,
+               "noise": args.noise, "noisy_lab": noisy}
+        out["configs"][name] = row
+        lines.append(f"| {name} | {n} | {1 + ea:.4f} | {row['lab_on_engine_topk_differing_steps']} "
+                     f"({1 + la:.4f}) | {row['record_topk_effect_pct']:+.2f}% | {len(first)} "
+                     f"({row['first_diff_depth_ge4']}) | {row['gap_median'] or 0:.3f} | "
+                     f"{m:.4f} ({100 * sd / m:.2f}%, {min(noisy):.4f}..{max(noisy):.4f}) |")
+        print(lines[-1], flush=True)
+    print("\n".join(lines))
+    dump_json(out, os.path.join(out_dir(args), "diagnose.json"))
+    with open(os.path.join(out_dir(args), "diagnose.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
@@ -468,11 +644,15 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sets", nargs="*", help="curves: prompt sets (default stdlib humaneval tables)")
+    ap.add_argument("--sets", nargs="*", help="curves: prompt sets (default stdlib humaneval tables); "
+                    "sampled: the sets whose sampled records to use (default all in the cache)")
     ap.add_argument("--sampled", action="store_true", help="curves: also the sampled records in the cache")
-    ap.add_argument("--tag", default=None, help="curves: output name results/replay_<tag>.*")
-    ap.add_argument("--position-fix", action="store_true",
-                    help="engine: patch the runner's drafter-context bug in the worker (measurement)")
+    ap.add_argument("--tag", default=None, help="curves: output name <out>/<tag>.* and docs/replay_<tag>.png")
+    ap.add_argument("--noise", type=float, default=0.02, help="diagnose: log-prob noise sd (nats)")
+    ap.add_argument("--engine-temperature", type=float, default=0.0,
+                    help="engine: sampling temperature (0: greedy, as the fidelity table)")
+    ap.add_argument("--top-p-only", type=float, default=None, help="sampled: only the records of this top-p")
+    ap.add_argument("--out", default=os.path.join(DOCS, "replay"), help="tables and JSON (default docs/replay)")
     args = ap.parse_args(argv)
     fn = globals().get(f"cmd_{args.cmd}")
     if fn is None:

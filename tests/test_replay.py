@@ -267,3 +267,45 @@ def test_policy_state_flows_through_select_and_truncate_as_in_the_runner():
     pol.observe(verified, res, new_state)
     assert new_state["prev_accepted"].tolist() == [int(res.num_accepted[0]), -1, int(res.num_accepted[2])]
     assert pol.tested.sum().item() > before
+
+
+def test_install_policy_hooks_what_the_runner_calls():
+    """`tools.replay_record.install_policy` replaces the module globals the
+    runner really calls (runner.build_best_first_trees in
+    propose_draft_token_ids, core.step.accept_walk in finish_step), and the
+    policy still learns from trees that went through `spine_first` (which
+    drops the draft top-k and group)."""
+    import inspect
+    import types
+
+    pytest.importorskip("vllm")
+    import numpy as np
+
+    import vllm_bastion.core.step as S
+    import vllm_bastion.runner as R
+    from vllm_bastion.tools.replay_record import install_policy
+
+    assert "build_best_first_trees(" in inspect.getsource(R.BastionRunnerMixin.propose_draft_token_ids)
+    assert "accept_walk(" in inspect.getsource(S.finish_step)
+    rec = random_record(P=2, D=6, K=4)
+    runner = types.SimpleNamespace(
+        bastion_config=types.SimpleNamespace(draft_depth=6),
+        input_batch=types.SimpleNamespace(req_ids=["a", "b"], num_reqs=2),
+        _bastion_draft_rows=np.array([1]))  # only request "b" drafts
+    saved = (R.build_best_first_trees, S.accept_walk)
+    try:
+        assert install_policy(types.SimpleNamespace(model_runner=runner), {})
+        pol = runner._replay_policy
+        lp, tk = rec.topk_logprobs[1:2, 0], rec.topk_tokens[1:2, 0]
+        trees = R.build_best_first_trees(lp, tk, max_nodes=10, class_values=None)
+        assert trees.group.tolist() == [0]  # no walk yet: a new request
+        full, _ = S.spine_first(R._scatter_trees(trees, np.array([1]), 2))
+        assert full.draft_tokens is None
+        target = targets_from_record(rec.tokens[:2], torch.zeros(2, dtype=torch.long), full.depths)
+        res = S.accept_walk(full, target)
+        assert pol.tested.sum() > 0  # learned through the restored top-k
+        k = int(res.num_accepted[1])
+        trees = R.build_best_first_trees(lp, tk, max_nodes=10, class_values=None)
+        assert trees.group.tolist() == pol.groups({"prev_accepted": torch.tensor([k])}, 1, "cpu").tolist()
+    finally:
+        R.build_best_first_trees, S.accept_walk = saved

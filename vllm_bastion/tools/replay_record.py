@@ -166,11 +166,18 @@ def install_step_capture(worker) -> bool:
         drafts = out if out is not None else getattr(runner, "_draft_token_ids", None)
         if torch.is_tensor(drafts):
             drafts = drafts.cpu().tolist()
+        # the drafter's output rows are the drafting requests' batch rows
+        draft_rows = getattr(runner, "_bastion_draft_rows", None)
+        if topk is not None:
+            order = list(range(len(topk[0]))) if draft_rows is None else [int(r) for r in draft_rows]
+            where = {b: j for j, b in enumerate(order)}
         for key, root, i in rows:
             entry = {"prompt": key, "root": root}
             if topk is not None:
-                entry["logp"] = topk[0][i].tolist()
-                entry["tokens"] = topk[1][i].tolist()
+                if i not in where:
+                    continue  # did not draft this step
+                entry["logp"] = topk[0][where[i]].tolist()
+                entry["tokens"] = topk[1][where[i]].tolist()
             elif drafts is not None and i < len(drafts):
                 entry["drafts"] = list(drafts[i])
             log.append(entry)
@@ -189,69 +196,74 @@ def install_step_capture(worker) -> bool:
     return True
 
 
-def install_drafter_position_fix(worker) -> bool:
-    """Worker-side fix of a runner bug, for measurement only (runner.py is not
-    changed here). After a tree verify, rejected node rows keep their tree
-    positions (root + depth), so vLLM's DFlash proposer, which derives each
-    context row's drafter-KV slot from its position, writes the rejected
-    nodes' features over the accepted path's slots: the drafter then
-    conditions on wrong context. The fix: after compaction, give every row of
-    a tree request its sequential position again (root + row index), as a
-    chain has, so rejected rows land past the accepted prefix (masked by the
-    proposer's effective seq_lens and overwritten next step)."""
-    runner = worker.model_runner
-    orig = runner._bastion_compact
-
-    def compact(step, result):
-        orig(step, result)
-        if step.attn is None:
-            return
-        # tree requests only (a prefill chunk's rows keep their positions)
-        tree = torch.from_numpy(step.rows_per_req > 1)
-        counts = torch.from_numpy(step.rows_per_req)[tree]
-        starts = torch.from_numpy(step.row_starts)[tree]
-        col = torch.cat([torch.arange(int(c)) for c in counts])
-        rows = torch.repeat_interleave(starts, counts) + col
-        pos = torch.repeat_interleave(torch.from_numpy(step.root_pos)[tree], counts) + col
-        runner.positions[rows.to(runner.positions.device)] = pos.to(runner.positions)
-
-    runner._bastion_compact = compact
-    return True
-
-
 def install_policy(worker, kwargs: dict) -> bool:
     """Worker-side: run a `core.policy.CalibratedPolicy(draft_depth, **kwargs)`
     in place of the runner's tree builder and calibrator, without changing
-    runner.py (measurement only): the runner module's `build_best_first_trees`
-    becomes `policy.build` (the runner's class_values are ignored; start the
-    engine with acceptance_calibration off) and its `accept_walk` is followed by
-    `policy.observe`. The per-request state (the previous step's accepted
-    length) goes from the walk of a step to the trees proposed in the same
-    step, whose rows are the same batch rows."""
+    runner.py (measurement only). Two module globals are replaced:
+
+      * `vllm_bastion.runner.build_best_first_trees` (what
+        `propose_draft_token_ids` calls on the drafter's top-k) becomes
+        `policy.build` (the runner's class_values are ignored; start the
+        engine with acceptance_calibration off);
+      * `vllm_bastion.core.step.accept_walk` (what `finish_step` calls when
+        the runner's `_sample` walks the verified trees) is followed by
+        `policy.observe`.
+
+    The trees the runner walks went through `spine_first`, which keeps
+    tokens/parents/depths/ranks/scores/node_logq but not the policy's
+    per-row fields (draft top-k, group); the walk hook puts back those of
+    the trees this hook built, by batch row (`runner._bastion_draft_rows`
+    maps drafter rows to batch rows). The per-request state (the previous
+    step's accepted length) goes from the walk of a step to the trees
+    proposed in the same step."""
+    import dataclasses
+
+    import vllm_bastion.core.step as S
     import vllm_bastion.runner as R
     from vllm_bastion.core.policy import CalibratedPolicy
 
     runner = worker.model_runner
     pol = CalibratedPolicy(runner.bastion_config.draft_depth, **kwargs)
-    held: dict = {"state": None}
-    orig_walk = R.accept_walk
+    held: dict = {"accepted": {}, "built": None}
+    orig_walk = S.accept_walk
 
     def build(topk_logprobs, topk_tokens, max_nodes, num_nodes=None, max_depth=None, class_values=None):
         B = topk_logprobs.shape[0]
-        st = held["state"]
-        if st is None or st["prev_accepted"].shape[0] != B:
-            st = pol.new_state(B)
-        return pol.build(topk_logprobs, topk_tokens, max_nodes, st)
+        rows = getattr(runner, "_bastion_draft_rows", None)
+        rows = list(range(B)) if rows is None or len(rows) != B else [int(r) for r in rows]
+        req_ids = runner.input_batch.req_ids
+        # accepted counts of the walk of this same step, by request id (a
+        # request that was not walked, e.g. right after its prefill, gets -1,
+        # as the lab's new prompts do)
+        acc, held["accepted"] = held["accepted"], {}
+        st = {"prev_accepted": torch.tensor([acc.get(req_ids[r], -1) for r in rows], dtype=torch.long)}
+        trees = pol.build(topk_logprobs, topk_tokens, max_nodes, st)
+        held["built"] = (rows, trees)
+        return trees
 
     def walk(trees, target):
         res = orig_walk(trees, target)
+        built = held["built"]
+        if built is not None and trees.draft_tokens is None:
+            rows, bt = built
+            B = trees.batch_size
+            if max(rows) < B:
+                idx = torch.tensor(rows)
+                D, K = bt.draft_tokens.shape[1:]
+                dt = torch.full((B, D, K), -1, dtype=bt.draft_tokens.dtype)
+                dl = torch.full((B, D, K), float("-inf"), dtype=bt.draft_logprobs.dtype)
+                g = torch.zeros(B, dtype=torch.long)
+                dt[idx], dl[idx], g[idx] = bt.draft_tokens, bt.draft_logprobs, bt.group
+                trees = dataclasses.replace(trees, draft_tokens=dt, draft_logprobs=dl, group=g)
         st = pol.new_state(trees.batch_size)
         pol.observe(trees, res, st)
-        held["state"] = st
+        req_ids = runner.input_batch.req_ids
+        held["accepted"] = {req_ids[i]: int(a) for i, a in enumerate(st["prev_accepted"].tolist())
+                            if i < len(req_ids) and a >= 0}
         return res
 
     R.build_best_first_trees = build
-    R.accept_walk = walk
+    S.accept_walk = walk
     runner._replay_policy = pol
     return True
 
@@ -262,30 +274,31 @@ def collect_step_capture(worker) -> list:
 
 def engine_run(method: str, target: str, drafter: str, prompts: list[list[int]], *, max_tokens: int,
                depth: int, bastion: dict | None = None, capture: bool = True,
-               position_fix: bool = False, policy: dict | None = None) -> dict:
-    """One engine, `prompts` one at a time (batch 1), greedy, ignore_eos, no
+               policy: dict | None = None, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int = 0) -> dict:
+    """One engine, `prompts` one at a time (batch 1), greedy (or sampled at
+    `temperature` / `top_p`, request j seeded with seed + j), ignore_eos, no
     warm-up: the mean accepted length as the demo computes it (vLLM's
     spec-decode counters), BASTION's tree stats, the outputs, and (capture)
     every step's root index and drafter top-k."""
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     from vllm import LLM, SamplingParams
 
-    from vllm_bastion.demo import spec_counters, speculative_config
+    from vllm_bastion.tools.benchmark import spec_counters, speculative_config
 
     llm = LLM(model=target, max_model_len=2048, seed=0, enforce_eager=True, max_num_seqs=4,
               disable_log_stats=False,
               speculative_config=speculative_config(method, drafter, depth, bastion))
-    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     try:
         if capture:
             llm.collective_rpc(install_step_capture)
-        if position_fix:
-            llm.collective_rpc(install_drafter_position_fix)
         if policy is not None:
             llm.collective_rpc(install_policy, args=(policy,))
         before = spec_counters(llm)
         outs = []
-        for p in prompts:
+        for j, p in enumerate(prompts):
+            sp = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, ignore_eos=True,
+                                seed=seed + j if temperature > 0 else None)
             outs += llm.generate([{"prompt_token_ids": list(p)}], sp, use_tqdm=False)
         after = spec_counters(llm)
         tree = llm.collective_rpc("bastion_stats")[0] if method == "bastion" else {}
@@ -303,7 +316,8 @@ def engine_run(method: str, target: str, drafter: str, prompts: list[list[int]],
     pa = after.get("vllm:spec_decode_num_accepted_tokens_per_pos") or []
     pb = before.get("vllm:spec_decode_num_accepted_tokens_per_pos") or [0] * len(pa)
     return {
-        "method": method, "bastion": bastion or {}, "requests": len(prompts), "position_fix": position_fix, "policy": policy,
+        "method": method, "bastion": bastion or {}, "requests": len(prompts), "policy": policy,
+        "temperature": temperature, "top_p": top_p,
         "drafts": drafts, "accepted": acc,
         "mean_accepted_length": 1 + acc / drafts if drafts else 1.0,
         "acceptance_by_depth": [(a - b) / drafts for a, b in zip(pa, pb)] if drafts else [],
