@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -328,50 +326,11 @@ def engine_run(method: str, target: str, drafter: str, prompts: list[list[int]],
 # ----------------------------------------------------------------------------- drafter
 
 
-def _drafter_forward(drafter, block_embeds, block_pos, ctx, ctx_pos, attn_mask, context_k_norm: str):
-    """`DFlashDrafter.forward`, with a choice of the k_norm applied to the
-    context keys: "per_layer" (the trained model: each layer's own k_norm) or
-    "first_layer" (what vLLM 0.32's DFlash computes: its context-KV precompute
-    stacks the layers' k_norm weights to [L, head_dim] and calls ops.rms_norm,
-    which reads only the first head_dim weights, so every layer's context keys
-    are normed with layer 0's k_norm weight)."""
-    from vllm_bastion.tools.training import _apply_rope, _rope_cos_sin
-
-    d = drafter
-    b, Q, _ = block_embeds.shape
-    S = ctx.shape[1]
-    nh, nkv, hd = d.num_heads, d.num_kv_heads, d.head_dim
-    cq, sq = _rope_cos_sin(block_pos, hd, d.rope_theta)
-    cc, sc = _rope_cos_sin(ctx_pos, hd, d.rope_theta)
-    mask = attn_mask[:, None]
-    h = block_embeds
-    k_norm0 = d.layers[0].self_attn.k_norm
-    for layer in d.layers:
-        a = layer.self_attn
-        x = layer.input_layernorm(h)
-        q = _apply_rope(a.q_norm(a.q_proj(x).view(b, Q, nh, hd)), cq, sq)
-        k = _apply_rope(a.k_norm(a.k_proj(x).view(b, Q, nkv, hd)), cq, sq)
-        v = a.v_proj(x).view(b, Q, nkv, hd)
-        ctx_norm = k_norm0 if context_k_norm == "first_layer" else a.k_norm
-        kc = _apply_rope(ctx_norm(a.k_proj(ctx).view(b, S, nkv, hd)), cc, sc)
-        vc = a.v_proj(ctx).view(b, S, nkv, hd)
-        K = torch.cat([kc, k.to(kc.dtype)], 1).transpose(1, 2)
-        V = torch.cat([vc, v.to(vc.dtype)], 1).transpose(1, 2)
-        q = q.transpose(1, 2)
-        if nh != nkv:
-            K = K.repeat_interleave(nh // nkv, dim=1)
-            V = V.repeat_interleave(nh // nkv, dim=1)
-        o = F.scaled_dot_product_attention(q, K.to(q.dtype), V.to(q.dtype), attn_mask=mask)
-        h = h + a.o_proj(o.transpose(1, 2).reshape(b, Q, nh * hd))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return d.norm(h)
-
-
 class PairModels:
     """The target (transformers) and the torch DFlash drafter, in chosen dtypes.
 
     context_k_norm: "first_layer" reproduces vLLM 0.32's DFlash (see
-    `_drafter_forward`); "per_layer" is the drafter as trained."""
+    `DFlashDrafter.forward`'s `context_k_norm`); "per_layer" is the drafter as trained."""
 
     def __init__(self, target: str, drafter: str, *, features: str = "bf16", drafter_dtype: str = "bf16",
                  context_k_norm: str = "first_layer"):
@@ -423,8 +382,8 @@ class PairModels:
             pad = torch.cat([tokens, torch.full((1, B), self.mask_id)], 1)
             ids, pos, _, _ = build_blocks(pad, anc, B, self.mask_id)
             mask = dflash_attention_mask(anc, S, B)
-            h = _drafter_forward(self.drafter, embed(ids).to(self.ddtype), pos, ctx, ctx_pos, mask,
-                                 self.context_k_norm)
+            h = self.drafter(embed(ids).to(self.ddtype), pos, ctx, ctx_pos, mask,
+                             context_k_norm=self.context_k_norm)
             logits = head(h.to(head.weight.dtype))  # [1, A*B, V]
             logits = logits.view(anc.shape[1], B, -1)[:, 1:]
             v, i = topk_per_depth(logits, k)

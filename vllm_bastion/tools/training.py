@@ -616,10 +616,18 @@ class DFlashDrafter(nn.Module):
         return self.hidden_norm(self.fc(aux))
 
     def forward(self, block_embeds: torch.Tensor, block_pos: torch.Tensor, ctx: torch.Tensor,
-                ctx_pos: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+                ctx_pos: torch.Tensor, attn_mask: torch.Tensor,
+                context_k_norm: str = "per_layer") -> torch.Tensor:
         """block_embeds [b, Q, H] (target embed of [anchor, MASK...]), block_pos [b, Q],
         ctx [b, S, H] fused context features (``fuse`` output), ctx_pos [b, S],
-        attn_mask [b, Q, S+Q] bool. Returns the final-normed hidden states [b, Q, H]."""
+        attn_mask [b, Q, S+Q] bool. Returns the final-normed hidden states [b, Q, H].
+
+        context_k_norm: the k_norm of the context keys, "per_layer" (the model
+        as trained: each layer's own) or "first_layer" (what vLLM 0.32's
+        DFlash computes: its context-KV precompute stacks the layers' k_norm
+        weights to [L, head_dim] and calls ops.rms_norm, which reads only the
+        first head_dim weights, so every layer's context keys are normed with
+        layer 0's k_norm weight; the replay lab records with it)."""
         b, Q, _ = block_embeds.shape
         S = ctx.shape[1]
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
@@ -634,7 +642,8 @@ class DFlashDrafter(nn.Module):
             k = _apply_rope(a.k_norm(a.k_proj(x).view(b, Q, nkv, hd)), cq, sq)
             v = a.v_proj(x).view(b, Q, nkv, hd)
             # context K/V: from the fused target features, no input_layernorm (as in vLLM)
-            kc = _apply_rope(a.k_norm(a.k_proj(ctx).view(b, S, nkv, hd)), cc, sc)
+            ctx_norm = self.layers[0].self_attn.k_norm if context_k_norm == "first_layer" else a.k_norm
+            kc = _apply_rope(ctx_norm(a.k_proj(ctx).view(b, S, nkv, hd)), cc, sc)
             vc = a.v_proj(ctx).view(b, S, nkv, hd)
             K = torch.cat([kc, k.to(kc.dtype)], 1).transpose(1, 2)
             V = torch.cat([vc, v.to(vc.dtype)], 1).transpose(1, 2)
