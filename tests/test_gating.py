@@ -157,3 +157,34 @@ def test_drafting_estimates_learn_and_relax_toward_the_engine_mean():
         est.update(gain, nodes_est, idle, off, np.array([10, 0, 10]), np.array([5, 0, 5]), decoding)
     assert before < gain[1] < est.engine_gain
     assert idle[1] == 6 and idle[0] == 0
+
+
+def test_engine_budget_charges_speculation_overhead_to_drafting():
+    """Steps with speculation pay measured outside time that plain steps do
+    not (walk, compaction, back-filled drafter context, the scheduler's
+    drafts); the drafting decision charges it to a step in which anyone
+    drafts, so a drafter that only looks cheap stops drafting."""
+    from types import SimpleNamespace
+
+    from vllm_bastion.engine_budget import EngineBudget
+
+    lat = latency(peak=1e15, bw=1e10)  # verification itself costs nothing extra
+    b = EngineBudget(SimpleNamespace(online_refit=False, max_nodes=16, min_nodes=0))
+    b.set_model(lat, "test", None)
+    b.draft_cost = LinearCost(0.001, 0.0)
+    B = 4
+    # 0.3 tokens per request: pays against a ~85 ms plain step, not with 50 ms more
+    args = (np.full(B, 0.3), np.full(B, 6.0), np.full(B, 100.0), np.ones(B, bool), np.zeros(B, bool))
+    t = 0.0
+    for spec in [False, True] * 20:  # plain steps 10 ms outside, speculating ones 60 ms
+        b.observe_verify(np.ones(B, np.int64), np.full(B, 100), 0.02, t)
+        t += 0.02
+        if spec:
+            b.observe_draft(B, 0.001)
+        t += 0.06 if spec else 0.01
+        b.observe_outside(0.06 if spec else 0.01, t, spec=spec)
+        t += 0.001
+    assert b.spec_overhead() == pytest.approx(0.05, abs=0.005)
+    assert not b.plan_drafting(*args).any()
+    b.t_base_spec = b.t_base_plain  # no overhead: the same gains pay
+    assert b.plan_drafting(*args).all()

@@ -43,7 +43,14 @@ class EngineBudget:
         self.verify_steps = 0
         self.draft_cost: LinearCost | None = None  # drafter + tree work vs drafting requests
         self.t_base: float | None = None  # seconds per step outside verify and drafting
+        # ... split by kind of step: steps with speculation work (a walk of
+        # verified trees, drafting, back-filled drafter context) also pay for
+        # BASTION's work outside the drafter and the verify forward, and for
+        # the scheduler's handling of drafts; plain steps pay none of it
+        self.t_base_plain: float | None = None
+        self.t_base_spec: float | None = None
         self._draft_s = 0.0  # drafting seconds of the current step
+        self._outside: tuple[float, bool] | None = None  # last step's (outside seconds, spec)
 
     # ------------------------------------------------------------ model
 
@@ -79,6 +86,13 @@ class EngineBudget:
             gap = start - self.last_end  # scheduler, IPC, output processing
             if gap < 0.25:  # idle engines are not overhead
                 self.gap_ema = ema(self.gap_ema, gap)
+                if self._outside is not None:  # the previous step, gap included
+                    outside, spec = self._outside
+                    if spec:
+                        self.t_base_spec = ema(self.t_base_spec, outside + gap)
+                    else:
+                        self.t_base_plain = ema(self.t_base_plain, outside + gap)
+        self._outside = None
 
     def observe_draft(self, num_drafting: int, seconds: float) -> None:
         """Drafter forward + tree build + budget of one step's drafting requests."""
@@ -86,16 +100,27 @@ class EngineBudget:
         if self.draft_cost is not None:
             self.draft_cost.update(num_drafting, seconds)
 
-    def observe_outside(self, seconds: float, end: float) -> None:
-        """Time of sampling + drafting + tree work of one step."""
+    def observe_outside(self, seconds: float, end: float, spec: bool = False) -> None:
+        """Time of sampling + drafting + tree work of one step (`spec`: the
+        step verified trees or drafted)."""
         gap = self.gap_ema or 0.0
         if self._draft_s > 0:  # a speculating step: its fixed time (BASTION's T_fix)
             self.t_fix = ema(self.t_fix, seconds + gap)
             if self.refit is not None and self.config.online_refit:
                 self.refit.update_fixed(self.t_fix)
-        self.t_base = ema(self.t_base, max(seconds - self._draft_s, 0.0) + gap)
+        outside = max(seconds - self._draft_s, 0.0)
+        self.t_base = ema(self.t_base, outside + gap)
+        self._outside = (outside, spec or self._draft_s > 0)
         self._draft_s = 0.0
         self.last_end = end
+
+    def spec_overhead(self) -> float:
+        """Seconds a step with speculation pays outside the drafter and the
+        verify forward beyond what a plain step pays (measured; 0 until both
+        kinds of step were seen)."""
+        if self.t_base_spec is None or self.t_base_plain is None:
+            return 0.0
+        return max(self.t_base_spec - self.t_base_plain, 0.0)
 
     def plan_drafting(self, gain, nodes, contexts, eligible, force) -> np.ndarray:
         """[B] bool: which requests draft this step (core.gating)."""
@@ -104,7 +129,8 @@ class EngineBudget:
             torch.from_numpy(np.asarray(nodes, dtype=np.float64)),
             torch.from_numpy(np.asarray(contexts, dtype=np.float64)),
             torch.from_numpy(np.asarray(eligible)), self.refit.model,
-            t_base=self.t_base or 0.0, draft_fixed=self.draft_cost.fixed,
+            t_base=self.t_base_plain if self.t_base_plain is not None else (self.t_base or 0.0),
+            draft_fixed=self.draft_cost.fixed + self.spec_overhead(),
             draft_per_req=self.draft_cost.per_item, force=torch.from_numpy(np.asarray(force)))
         return d.drafts.numpy()
 
@@ -118,7 +144,9 @@ class EngineBudget:
         model = self.refit.model
         m = len(contexts)
         if self.t_base is not None and self.draft_cost is not None:
-            t_fix = self.t_base + self.draft_cost(m)  # a step where these m requests draft
+            # a step where these m requests draft
+            base = self.t_base_spec if self.t_base_spec is not None else self.t_base
+            t_fix = base + self.draft_cost(m)
         else:
             t_fix = self.t_fix if self.t_fix is not None else model.fixed_time(m)
         decision = plan_batch_budget(
@@ -138,7 +166,8 @@ class EngineBudget:
                "predicted_verify_s": self.pred_ema, "measured_verify_s": self.meas_ema,
                "mean_predicted_verify_s": self.pred_total / max(self.verify_steps, 1),
                "mean_measured_verify_s": self.meas_total / max(self.verify_steps, 1),
-               "t_base_s": self.t_base,
+               "t_base_s": self.t_base, "t_base_plain_s": self.t_base_plain,
+               "t_base_spec_s": self.t_base_spec,
                "draft_fixed_s": self.draft_cost.fixed if self.draft_cost else None,
                "draft_per_request_s": self.draft_cost.per_item if self.draft_cost else None}
         if self.refit is not None:

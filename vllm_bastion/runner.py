@@ -311,12 +311,13 @@ class BastionRunnerMixin:
 
     def sample_tokens(self, grammar_output):
         t0 = now()
+        trees = self._bastion_plan is not None  # this step verifies trees
         out = super().sample_tokens(grammar_output)
         t1 = now()
         self.bastion_stats.timer.add("sample_total", t1 - t0)
         self.bastion_stats.timer.add("step_total", t1 - t0)
         if self._bastion_budget is not None:
-            self._bastion_budget.observe_outside(t1 - t0, t1)
+            self._bastion_budget.observe_outside(t1 - t0, t1, spec=trees)
         return out
 
     # ------------------------------------------------------------ verify
