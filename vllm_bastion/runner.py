@@ -311,7 +311,8 @@ class BastionRunnerMixin:
 
     def sample_tokens(self, grammar_output):
         t0 = now()
-        trees = self._bastion_plan is not None  # this step verifies trees
+        plan = self._bastion_plan
+        trees = plan is not None and bool(plan.trees.num_nodes.any())  # this step verifies trees
         out = super().sample_tokens(grammar_output)
         t1 = now()
         self.bastion_stats.timer.add("sample_total", t1 - t0)
