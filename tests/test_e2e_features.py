@@ -23,7 +23,7 @@ from test_e2e_sampling import chi2_pvalue
 
 from vllm import SamplingParams
 from vllm.sampling_params import StructuredOutputsParams
-from vllm_bastion.tools.oracle import install_second_choice_oracle, remove_oracle
+from vllm_bastion.tools.oracle import generate_with_oracle, install_second_choice_oracle, remove_oracle
 
 MAX_TOKENS = 32
 
@@ -252,13 +252,7 @@ def test_sampling_with_penalties_follows_the_target_distribution(bastion_llm, ti
     refs = {tuple(prompt_ids): list(best)}
     params = [SamplingParams(temperature=T, top_k=K, max_tokens=H, seed=s, ignore_eos=True, **pen)
               for s in range(N)]
-    bastion_llm.collective_rpc("bastion_reset_stats")
-    bastion_llm.collective_rpc(install_second_choice_oracle, args=(refs,))
-    try:
-        outs = bastion_llm.generate([prompt] * N, params, use_tqdm=False)
-        stats = bastion_llm.collective_rpc("bastion_stats")[0]
-    finally:
-        bastion_llm.collective_rpc(remove_oracle)
+    outs, stats = generate_with_oracle(bastion_llm, [prompt] * N, params, refs)
     counts = {}
     for o in outs:
         s = tuple(o.outputs[0].token_ids)

@@ -12,7 +12,7 @@ from conftest import bastion_spec, make_llm, token_ids
 from prompts import mixed_prompts
 
 from vllm import SamplingParams
-from vllm_bastion.tools.oracle import install_second_choice_oracle, remove_oracle
+from vllm_bastion.tools.oracle import generate_with_oracle
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +142,7 @@ def test_sampled_distribution_is_the_target_distribution(bastion_llm, reference_
 
     params = [SamplingParams(temperature=T, top_k=K or 0, top_p=P or 1.0, max_tokens=H, seed=s,
                              ignore_eos=True) for s in range(N)]
-    bastion_llm.collective_rpc("bastion_reset_stats")
-    bastion_llm.collective_rpc(install_second_choice_oracle, args=(refs,))
-    try:
-        outs = bastion_llm.generate([prompt] * N, params, use_tqdm=False)
-        stats = bastion_llm.collective_rpc("bastion_stats")[0]
-    finally:
-        bastion_llm.collective_rpc(remove_oracle)
+    outs, stats = generate_with_oracle(bastion_llm, [prompt] * N, params, refs)
     ref_outs = reference_llm.generate([prompt] * N, params, use_tqdm=False)
 
     def counts(outputs):

@@ -74,3 +74,16 @@ def remove_oracle(worker) -> bool:
     runner.__dict__.pop("propose_draft_token_ids", None)
     runner.drafter.__dict__.pop("take_topk", None)
     return True
+
+
+def generate_with_oracle(llm, prompts, params, refs: dict, **oracle_kwargs):
+    """`llm.generate(prompts, params)` with the second-choice oracle drafting
+    `refs` in every worker; returns (outputs, BASTION's stats of the run)."""
+    llm.collective_rpc("bastion_reset_stats")
+    llm.collective_rpc(install_second_choice_oracle, args=(refs,), kwargs=oracle_kwargs)
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        stats = llm.collective_rpc("bastion_stats")[0]
+    finally:
+        llm.collective_rpc(remove_oracle)
+    return outs, stats
