@@ -129,3 +129,29 @@ def test_never_and_auto_switch_the_drafter_off(tiny_pair, reference_llm, tmp_pat
         assert out == ref
         assert check(stats), (spec, {k: stats[k] for k in ("drafting", "draft_eligible", "trees",
                                                             "steps_without_drafter")})
+
+
+def test_resuming_with_full_backlogs_under_a_small_token_budget(tiny_pair, reference_llm):
+    """Requests paused long enough to fill their backlog (64 tokens each)
+    resume drafting together, in an engine whose step budget
+    (max_num_batched_tokens) is smaller than their backlogs: the backlog is
+    written straight into the drafter's cache, never through the drafter
+    forward's per-step context buffers (which it used to overrun, corrupting
+    memory). Outputs stay equal to vLLM without speculation."""
+    from vllm_bastion.tools.random_budget import install_random_budget
+
+    target, drafter = tiny_pair
+    engine = make_llm(target, max_num_seqs=8, max_num_batched_tokens=64,
+                      enable_chunked_prefill=True,
+                      speculative_config=bastion_spec(drafter, max_nodes=8, calibrate=False))
+    try:
+        engine.collective_rpc(install_random_budget, args=(7, 0.03))  # rare drafting: full backlogs
+        prompts = mixed_prompts(8, seed=11)
+        params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+        got = token_ids(engine.generate(prompts, params, use_tqdm=False))
+        stats = engine.collective_rpc("bastion_stats")[0]
+    finally:
+        engine.llm_engine.engine_core.shutdown()
+    ref = token_ids(reference_llm.generate(prompts, params, use_tqdm=False))
+    assert got == ref
+    assert stats["trees"] > 0 and stats["drafting"] < stats["draft_eligible"]

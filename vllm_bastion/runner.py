@@ -518,12 +518,23 @@ class BastionRunnerMixin:
             backlog.append(slots[idx], valid[idx],
                            torch.cat([h[rows] for h in aux_hidden_states], dim=-1), self.positions[rows])
         model = self.drafter.model
-        if feed.any():
-            idx, counts, f, p = context(feed)
+
+        def store(idx, counts, f, p):  # drafter context K/V written directly
             req = torch.from_numpy(np.repeat(idx, counts)).to(self.device)
             slot_map = context_slots(common_attn_metadata.block_table_tensor, req, p,
                                      self.drafter.block_size)
             model.precompute_and_store_context_kv(model.combine_hidden_states(f), p, slot_map)
+
+        if feed.any():
+            store(*context(feed))
+        back = drafts & (backlog.count[slots] > 0)
+        if back.any():
+            # resuming requests: their backlog is written here, not passed to
+            # the drafter's forward, whose context buffers hold only one
+            # step's tokens (max_num_batched_tokens)
+            idx = np.nonzero(back)[0]
+            bc, bf, bp = backlog.take(slots[idx])
+            store(idx, bc, bf, bp)
         t1 = now()
         timer.add("draft_context", t1 - t0)
         if not drafts.any():
