@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 
+from random_trees import random_trees as random_best_first
 from vllm_bastion.core.paths import (
     bad_word_bans,
     below_min_tokens,
@@ -22,16 +23,12 @@ from vllm_bastion.core.paths import (
     row_path_tokens,
 )
 from vllm_bastion.core.step import spine_first
-from vllm_bastion.core.tree import build_best_first_trees, topk_per_depth
 from vllm_bastion.core.walk import accept_walk
 
 
-def random_trees(B=5, D=6, K=4, max_nodes=16, seed=0, vocab=40):
-    g = torch.Generator().manual_seed(seed)
-    logp, tok = topk_per_depth(torch.randn(B, D, vocab, generator=g) * 2.0, K)
-    n = torch.randint(0, max_nodes + 1, (B,), generator=g)
-    trees = build_best_first_trees(logp, tok, max_nodes=max_nodes, num_nodes=n)
-    return spine_first(trees)[0]
+def random_trees(seed=0, vocab=40):
+    """Spine-first random trees (5 requests, up to 16 nodes)."""
+    return spine_first(random_best_first(B=5, max_nodes=16, seed=seed, vocab=vocab, sharp=2.0))[0]
 
 
 def node_paths(trees, b):

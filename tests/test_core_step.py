@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from random_trees import random_trees
 from vllm_bastion.core.compaction import permute_rows_
 from vllm_bastion.core.noise import seeded_exponential, seeded_uniform
 from vllm_bastion.core.step import (
@@ -23,13 +24,6 @@ from vllm_bastion.core.step import (
 from vllm_bastion.core.tree import ancestor_mask, build_best_first_trees, chain_tree, topk_per_depth
 from vllm_bastion.core.walk import greedy_walk_reference
 from vllm_bastion.kernels import pack_ancestor_bits
-
-
-def random_trees(B=6, D=6, K=4, max_nodes=20, seed=0, sharp=3.0):
-    g = torch.Generator().manual_seed(seed)
-    logp, tok = topk_per_depth(torch.randn(B, D, 64, generator=g) * sharp, K)
-    n = torch.randint(0, max_nodes + 1, (B,), generator=g)
-    return build_best_first_trees(logp, tok, max_nodes=max_nodes, num_nodes=n)
 
 
 def node_paths(trees, b):

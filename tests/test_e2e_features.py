@@ -23,7 +23,7 @@ from test_e2e_sampling import chi2_pvalue
 
 from vllm import SamplingParams
 from vllm.sampling_params import StructuredOutputsParams
-from vllm_bastion.tools.oracle import generate_with_oracle, install_second_choice_oracle, remove_oracle
+from vllm_bastion.tools.oracle import generate_with_oracle
 
 MAX_TOKENS = 32
 
@@ -51,14 +51,7 @@ def with_oracle(llm, prompts, params, reference_outputs):
     """BASTION's outputs with the reference continuation drafted at rank 2
     (a top-1 chain would accept nothing), and the tree statistics."""
     refs = {tuple(o.prompt_token_ids): list(o.outputs[0].token_ids) for o in reference_outputs}
-    llm.collective_rpc("bastion_reset_stats")
-    llm.collective_rpc(install_second_choice_oracle, args=(refs,))
-    try:
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        stats = llm.collective_rpc("bastion_stats")[0]
-    finally:
-        llm.collective_rpc(remove_oracle)
-    return outs, stats
+    return generate_with_oracle(llm, prompts, params, refs)
 
 
 def assert_trees_accepted_through_branches(stats):

@@ -13,7 +13,7 @@ from prompts import mixed_prompts
 
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
-from vllm_bastion.tools.oracle import install_second_choice_oracle, remove_oracle
+from vllm_bastion.tools.oracle import generate_with_oracle
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 
@@ -94,13 +94,8 @@ def test_trees_beat_the_top1_chain(bastion_llm, references):
         prompts, SamplingParams(max_tokens=1), use_tqdm=False)]
     refs = {tuple(p): r for p, r in zip(prompt_ids, ref)}
     before = spec_metrics(bastion_llm)
-    bastion_llm.collective_rpc("bastion_reset_stats")
-    bastion_llm.collective_rpc(install_second_choice_oracle, args=(refs,))
-    try:
-        got = token_ids(bastion_llm.generate(prompts, GREEDY, use_tqdm=False))
-        stats = bastion_llm.collective_rpc("bastion_stats")[0]
-    finally:
-        bastion_llm.collective_rpc(remove_oracle)
+    outs, stats = generate_with_oracle(bastion_llm, prompts, GREEDY, refs)
+    got = token_ids(outs)
     after = spec_metrics(bastion_llm)
     assert got == ref
     assert stats["chain_accepted"] == 0
