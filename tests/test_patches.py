@@ -168,6 +168,8 @@ def test_sampling_feature_internals_bastion_reads():
     for m in ("accept_tokens", "validate_tokens", "rollback", "fill_bitmask", "is_terminated"):
         assert hasattr(StructuredOutputGrammar, m), m
     assert "scheduled_spec_decode_tokens" in SchedulerOutput.__dataclass_fields__
+    # the runner looks for trees to send only in steps that schedule such requests
+    assert "has_structured_output_requests" in SchedulerOutput.__dataclass_fields__
     assert list(DraftTokenIds.__dataclass_fields__) == ["req_ids", "draft_token_ids"]
     assert "apply_grammar_bitmask(" in inspect.getsource(GPUModelRunner.sample_tokens)
     assert params(GPUModelRunner.take_draft_token_ids) == ["self"]

@@ -52,7 +52,7 @@ from vllm_bastion.core.step import (
     sampled_row_depths,
     spine_first,
 )
-from vllm_bastion.core.tree import TreeBatch, build_best_first_trees, chain_tree, path_classes
+from vllm_bastion.core.tree import TreeBatch, build_best_first_trees, chain_tree, empty_trees, path_classes
 from vllm_bastion.drafting import Backlog, context_slots, ragged_concat, ragged_rows, sub_batch_metadata
 from vllm_bastion.engine_budget import EngineBudget, now
 from vllm_bastion.kernels import HAS_TRITON, compact_kv, compact_kv_reference, pack_ancestor_bits
@@ -98,6 +98,7 @@ class BastionRunnerMixin:
         self._bastion_layers: list[str] = []
         self._bastion_kv_views: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._bastion_exec = None  # (aux_hidden_states, slot_mappings) of the step
+        self._bastion_structured = True  # the step schedules structured-output requests
         self._bastion_verify_t0 = 0.0
         self._bastion_budget = EngineBudget(cfg) if cfg.budget == "auto" else None
         self.bastion_stats.budget = self._bastion_budget
@@ -291,6 +292,7 @@ class BastionRunnerMixin:
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
         t0 = now()
+        self._bastion_structured = getattr(scheduler_output, "has_structured_output_requests", True)
         fix0 = _tree_attention.FIXUP_SECONDS[0]
         out = super().execute_model(scheduler_output, intermediate_tensors)
         t1 = now()
@@ -404,7 +406,7 @@ class BastionRunnerMixin:
         has_seed = self.bastion_table["has_seed"][:n]
         if not has_seed.any():
             return False
-        temp = sm.temperature.cpu().numpy()[:n] if sm.temperature is not None else np.ones(n)
+        temp = self.input_batch.temperature_cpu[:n]  # host copy: no device sync
         return bool((has_seed & (temp >= 1e-5)).any())
 
     def _bastion_sample_plain(self, logits):
@@ -416,7 +418,7 @@ class BastionRunnerMixin:
         self.input_batch.update_async_output_token_ids()
         counts = torch.ones(n, dtype=torch.long)
         pos = torch.from_numpy(self._bastion_computed[:n] + self._bastion_sched[:n])
-        trees = chain_tree([[] for _ in range(n)])
+        trees = empty_trees(n)
         tok, processed = self._bastion_choose(logits[:n], trees, counts, pos)
         out = tok.view(-1, 1)
         logprobs = self._bastion_logprobs(logits[:n], processed, counts, out,
@@ -519,22 +521,22 @@ class BastionRunnerMixin:
                            torch.cat([h[rows] for h in aux_hidden_states], dim=-1), self.positions[rows])
         model = self.drafter.model
 
-        def store(idx, counts, f, p):  # drafter context K/V written directly
+        # drafter context K/V written directly: requests that do not draft
+        # and whose backlog is full (context()), and resuming requests'
+        # backlogs (not passed to the drafter's forward, whose context
+        # buffers hold only one step's tokens, max_num_batched_tokens)
+        parts = [context(feed)] if feed.any() else []
+        back = drafts & (backlog.count[slots] > 0)
+        if back.any():
+            idx = np.nonzero(back)[0]
+            parts.append((idx, *backlog.take(slots[idx])))
+        if parts:
+            idx, counts = (np.concatenate([x[i] for x in parts]) for i in (0, 1))
+            f, p = (torch.cat([x[i] for x in parts]) for i in (2, 3))
             req = torch.from_numpy(np.repeat(idx, counts)).to(self.device)
             slot_map = context_slots(common_attn_metadata.block_table_tensor, req, p,
                                      self.drafter.block_size)
             model.precompute_and_store_context_kv(model.combine_hidden_states(f), p, slot_map)
-
-        if feed.any():
-            store(*context(feed))
-        back = drafts & (backlog.count[slots] > 0)
-        if back.any():
-            # resuming requests: their backlog is written here, not passed to
-            # the drafter's forward, whose context buffers hold only one
-            # step's tokens (max_num_batched_tokens)
-            idx = np.nonzero(back)[0]
-            bc, bf, bp = backlog.take(slots[idx])
-            store(idx, bc, bf, bp)
         t1 = now()
         timer.add("draft_context", t1 - t0)
         if not drafts.any():
@@ -612,7 +614,7 @@ class BastionRunnerMixin:
 
     def take_draft_token_ids(self):
         out = super().take_draft_token_ids()
-        if out is not None and self._bastion_pending is not None:
+        if out is not None and self._bastion_pending is not None and self._bastion_structured:
             # the tree shape of structured-output requests' drafts, for their
             # grammar on the scheduler side (structured_trees.py)
             full, ids = self._bastion_pending

@@ -270,7 +270,7 @@ def build_best_first_trees(
                 break
 
     if not level_scores:
-        return _empty_trees(B, device)
+        return empty_trees(B, device)
 
     # Global best-first order over all levels. Candidates are laid out level by
     # level, so a stable descending sort puts a parent before a child with the
@@ -340,7 +340,8 @@ def build_best_first_trees(
     return trees
 
 
-def _empty_trees(B: int, device: torch.device | str) -> TreeBatch:
+def empty_trees(B: int, device: torch.device | str = "cpu") -> TreeBatch:
+    """B trees of the root alone."""
     z = torch.zeros((B, 1), dtype=torch.long, device=device)
     return TreeBatch(
         tokens=z - 1,
