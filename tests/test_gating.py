@@ -188,3 +188,38 @@ def test_engine_budget_charges_speculation_overhead_to_drafting():
     assert not b.plan_drafting(*args).any()
     b.t_base_spec = b.t_base_plain  # no overhead: the same gains pay
     assert b.plan_drafting(*args).all()
+
+
+def test_one_slow_step_does_not_switch_drafting_off():
+    """A compilation on a new shape makes one drafter run and one step
+    seconds long; the drafting costs BASTION learns must shrug it off (an
+    engine that believed it would stop drafting where drafting pays), yet
+    follow a real change of cost within a few steps."""
+    from types import SimpleNamespace
+
+    from vllm_bastion.engine_budget import EngineBudget
+
+    c = LinearCost(0.005, 0.001)
+    c.update(1, 2.0)  # a 2-second compile
+    assert c(1) < 0.01
+    for _ in range(3):  # the drafter really got 4x slower
+        c.update(1, 0.024)
+    assert c(1) == pytest.approx(0.024, rel=0.25)
+
+    lat = latency(peak=1e15, bw=1e10)
+    b = EngineBudget(SimpleNamespace(online_refit=False, max_nodes=16, min_nodes=0))
+    b.set_model(lat, "test", None)
+    b.draft_cost = LinearCost(0.003, 0.0)
+    t = 0.0
+    for i in range(12):  # alternating plain and speculating steps, the first ones compile
+        spec = bool(i % 2)
+        b.observe_verify(np.ones(1, np.int64), np.full(1, 100), 0.02, t)
+        t += 0.02
+        if spec:
+            b.observe_draft(1, 3.0 if i == 1 else 0.003)
+        outside = (3.0 if i in (0, 1) else 0.0) + 0.005
+        b.observe_outside(outside, t + outside, spec=spec)
+        t += outside + 0.001
+    assert b.spec_overhead() < 0.01 and b.draft_cost(1) < 0.01
+    args = (np.full(1, 2.0), np.full(1, 6.0), np.full(1, 100.0), np.ones(1, bool), np.zeros(1, bool))
+    assert b.plan_drafting(*args).all()

@@ -10,7 +10,8 @@ import pytest
 
 from vllm_bastion.core.latency import DevicePrior, LatencyModel, RooflineCoeffs
 from vllm_bastion.core.latency_fit import fit_latency_model, probe_plan
-from vllm_bastion.core.latency_refit import OnlineRefit, RobustEma
+from vllm_bastion.core.latency_refit import OnlineRefit
+from vllm_bastion.core.robust_ema import RobustEma
 from vllm_bastion.core.model_shape import ModelShape, UnsupportedModelError, verify_bytes, verify_flops
 from vllm_bastion.profiles import (
     default_roofline_dir,

@@ -16,6 +16,7 @@ from vllm_bastion.core.budget import plan_batch_budget
 from vllm_bastion.core.latency import LatencyModel
 from vllm_bastion.core.latency_refit import OnlineRefit
 from vllm_bastion.core.gating import LinearCost, plan_drafting
+from vllm_bastion.core.robust_ema import RobustEma
 
 
 def ema(prev: float | None, x: float, a: float = 0.1) -> float:
@@ -23,8 +24,33 @@ def ema(prev: float | None, x: float, a: float = 0.1) -> float:
     return x if prev is None else (1 - a) * prev + a * x
 
 
+_TIMINGS = {
+    "t_fix": "seconds per speculating step outside the verify forward",
+    "gap_ema": "host time between steps (scheduler, IPC, output processing)",
+    "t_base": "seconds per step outside the verify forward and the drafter",
+    # ... split by kind of step: steps with speculation work (a walk of
+    # verified trees, drafting, back-filled drafter context) also pay for
+    # BASTION's work outside the drafter and the verify forward, and for the
+    # scheduler's handling of drafts; plain steps pay none of it
+    "t_base_plain": "t_base of steps without speculation work",
+    "t_base_spec": "t_base of steps with speculation work",
+}
+
+
+def _timing(name: str) -> property:
+    def get(self) -> float | None:
+        return self._t[name].value
+
+    def set(self, value: float | None) -> None:
+        self._t[name].value = value
+
+    return property(get, set, doc=_TIMINGS[name])
+
+
 class EngineBudget:
     """The latency model, the step timings and the per-step plan."""
+
+    t_fix, gap_ema, t_base, t_base_plain, t_base_spec = map(_timing, _TIMINGS)
 
     def __init__(self, config):
         self.config = config
@@ -32,8 +58,9 @@ class EngineBudget:
         self.source = ""
         self.fit_error: float | None = None  # calibration MAPE
         self.err_ema: float | None = None  # online |predicted - measured| / measured
-        self.t_fix: float | None = None  # seconds per step outside the verify forward
-        self.gap_ema: float | None = None  # host time between steps (scheduler, IPC)
+        # measured seconds, robust to one-off slow steps (a compilation on a
+        # new shape, another process): one outlier cannot switch drafting off
+        self._t = {k: RobustEma() for k in _TIMINGS}
         self.last_end: float | None = None
         self.planned_steps = 0
         self.planned_nodes = 0
@@ -42,13 +69,6 @@ class EngineBudget:
         self.pred_total = self.meas_total = 0.0  # summed over steps (since a reset)
         self.verify_steps = 0
         self.draft_cost: LinearCost | None = None  # drafter + tree work vs drafting requests
-        self.t_base: float | None = None  # seconds per step outside verify and drafting
-        # ... split by kind of step: steps with speculation work (a walk of
-        # verified trees, drafting, back-filled drafter context) also pay for
-        # BASTION's work outside the drafter and the verify forward, and for
-        # the scheduler's handling of drafts; plain steps pay none of it
-        self.t_base_plain: float | None = None
-        self.t_base_spec: float | None = None
         self._draft_s = 0.0  # drafting seconds of the current step
         self._outside: tuple[float, bool] | None = None  # last step's (outside seconds, spec)
 
@@ -85,13 +105,10 @@ class EngineBudget:
         if self.last_end is not None:
             gap = start - self.last_end  # scheduler, IPC, output processing
             if gap < 0.25:  # idle engines are not overhead
-                self.gap_ema = ema(self.gap_ema, gap)
+                self._t["gap_ema"].update(gap)
                 if self._outside is not None:  # the previous step, gap included
                     outside, spec = self._outside
-                    if spec:
-                        self.t_base_spec = ema(self.t_base_spec, outside + gap)
-                    else:
-                        self.t_base_plain = ema(self.t_base_plain, outside + gap)
+                    self._t["t_base_spec" if spec else "t_base_plain"].update(outside + gap)
         self._outside = None
 
     def observe_draft(self, num_drafting: int, seconds: float) -> None:
@@ -105,11 +122,11 @@ class EngineBudget:
         step verified trees or drafted)."""
         gap = self.gap_ema or 0.0
         if self._draft_s > 0:  # a speculating step: its fixed time (BASTION's T_fix)
-            self.t_fix = ema(self.t_fix, seconds + gap)
+            self._t["t_fix"].update(seconds + gap)
             if self.refit is not None and self.config.online_refit:
                 self.refit.update_fixed(self.t_fix)
         outside = max(seconds - self._draft_s, 0.0)
-        self.t_base = ema(self.t_base, outside + gap)
+        self._t["t_base"].update(outside + gap)
         self._outside = (outside, spec or self._draft_s > 0)
         self._draft_s = 0.0
         self.last_end = end

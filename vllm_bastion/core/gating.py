@@ -125,14 +125,22 @@ def plan_drafting(
 
 class LinearCost:
     """seconds ~ fixed + per_item * m, fitted online (recursive least squares
-    with forgetting, started from a prior worth `prior_weight` samples)."""
+    with forgetting, started from a prior worth `prior_weight` samples).
+
+    A sample further than `clip` (relative) from the prediction moves the fit
+    as if it were at that distance (Huber), unless `confirm` such samples in a
+    row lie on the same side: a one-off slow step (a compilation on a new
+    shape) cannot make drafting look expensive, a real change of cost can."""
 
     def __init__(self, fixed: float, per_item: float, forgetting: float = 0.98,
-                 prior_weight: float = 4.0):
+                 prior_weight: float = 4.0, clip: float = 0.5, confirm: int = 3):
         self.theta = torch.tensor([fixed, per_item], dtype=_F64)
         # as if `prior_weight` samples at m = 0 and at m = 8 had agreed with the prior
-        self.P = torch.diag(torch.tensor([1.0, 1.0 / 64.0], dtype=_F64)) / prior_weight
+        self._P1 = torch.diag(torch.tensor([1.0, 1.0 / 64.0], dtype=_F64))  # one sample's worth
+        self.P = self._P1 / prior_weight
         self.lam = forgetting
+        self.clip, self.confirm = float(clip), int(confirm)
+        self._run = self._sign = 0
         self.samples = 0
 
     @property
@@ -147,6 +155,20 @@ class LinearCost:
         return self.fixed + self.per_item * m if m > 0 else 0.0
 
     def update(self, m: float, seconds: float) -> None:
+        if not np.isfinite(seconds) or seconds < 0:
+            return
+        pred = self(m) if m > 0 else self.fixed
+        if pred > 0 and abs(seconds - pred) > self.clip * pred:
+            sign = 1 if seconds > pred else -1
+            self._run = self._run + 1 if sign == self._sign else 1
+            self._sign = sign
+            if self._run < self.confirm:
+                seconds = pred * (1 + sign * self.clip)
+            else:
+                self._run = 0  # a level change: taken as measured, and the old
+                self.P = self._P1.clone()  # fit weighs no more than one sample
+        else:
+            self._run = 0
         x = torch.tensor([1.0, float(m)], dtype=_F64)
         Px = self.P @ x
         k = Px / (self.lam + x @ Px)

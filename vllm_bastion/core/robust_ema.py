@@ -1,0 +1,49 @@
+"""A moving average of a measured duration that one slow sample cannot move far. Pure python.
+
+Step timings on a shared machine have one-off outliers (a compilation on a
+new shape, a page fault storm, another process): a plain EMA started or hit
+by one of them steers every later decision that reads it. `RobustEma`
+clips each sample's relative change (Huber style) and accepts a level change
+only after `confirm` consecutive outliers on the same side, so a bad first
+sample is gone after `confirm` normal ones.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class RobustEma:
+    """EMA of a positive quantity (e.g. measured T_fix) with Huber-style
+    clipping of isolated outliers; `confirm` consecutive same-sign outliers
+    are accepted as a level change."""
+
+    def __init__(self, value: float | None = None, alpha: float = 0.1, clip: float = 0.5, confirm: int = 3):
+        self.value = None if value is None else float(value)
+        self.alpha = float(alpha)
+        self.clip = float(clip)
+        self.confirm = int(confirm)
+        self._run = 0
+        self._sign = 0
+
+    def update(self, x: float) -> float | None:
+        x = float(x)
+        if not math.isfinite(x) or x < 0:
+            return self.value
+        if self.value is None or self.value <= 0:
+            self.value = x
+            return self.value
+        rel = (x - self.value) / self.value
+        sign = 1 if rel > 0 else -1
+        if abs(rel) > self.clip:
+            self._run = self._run + 1 if sign == self._sign else 1
+            self._sign = sign
+            if self._run >= self.confirm:
+                self.value = x  # level change confirmed: jump
+                self._run = 0
+                return self.value
+            rel = sign * self.clip
+        else:
+            self._run = 0
+        self.value = max(0.0, self.value * (1 + self.alpha * rel))
+        return self.value
