@@ -69,12 +69,16 @@ def compact_kv_reference(caches, src_slots: torch.Tensor, dst_slots: torch.Tenso
     src, dst = _valid_pairs(src_slots, dst_slots)
     if src.numel() == 0:
         return
+    index = {}  # (device, block size) -> (src block, src offset, dst block, dst offset)
     for pair in caches:
         for cache in pair:
-            bs = cache.shape[1]
-            s, d = src.to(cache.device), dst.to(cache.device)
-            vals = cache[s // bs, s % bs].clone()  # gather first
-            cache[d // bs, d % bs] = vals
+            key = (cache.device, cache.shape[1])
+            if key not in index:
+                bs = cache.shape[1]
+                s, d = src.to(cache.device), dst.to(cache.device)
+                index[key] = (s // bs, s % bs, d // bs, d % bs)
+            sb, so, db, do = index[key]
+            cache[db, do] = cache[sb, so]  # the gather is a new tensor: sources read first
 
 
 # ---------------------------------------------------------------------------

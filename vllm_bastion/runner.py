@@ -221,7 +221,9 @@ class BastionRunnerMixin:
         return np.where(live, ids[np.where(live, rows, 0)], -1)
 
     def _bastion_plan_step(self, spec_md, kept: dict | None = None) -> StepPlan | None:
-        if spec_md is None:
+        if spec_md is None or not any(spec_md.num_draft_tokens):
+            # no tree this step (vLLM builds speculative metadata even for zero
+            # drafts): vLLM's own sampling path, no walk
             self._bastion_pending = None
             return None
         sched = self._bastion_sched
