@@ -51,6 +51,7 @@ from vllm_bastion.tools.benchmark import (  # noqa: E402
     draft_depth,
     label,
     load_prompts,
+    merge_rounds,
     recommended_preload,
     resolve_pair,
     run_method_batches,
@@ -335,6 +336,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", default="heldout", choices=["heldout", "humaneval", "tables"])
     ap.add_argument("--runtime", default="recommended", choices=["recommended", "default"])
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the methods this many times, alternating forward and reverse order "
+                         "(2 = ABBA: cancels the machine's drift between methods); tokens/s is "
+                         "over all rounds")
     ap.add_argument("--out", default=None, help="output prefix (default results/bench_<pair>_<prompts>)")
     args = ap.parse_args(argv)
     _maybe_reexec_with_runtime(args.runtime)
@@ -352,7 +357,7 @@ def main(argv=None) -> int:
         "cpu_count": os.cpu_count(), "pair": f"{args.pair} ({target})", "prompts": args.prompts,
         "max_tokens": args.max_tokens, "enforce_eager": args.enforce_eager,
         "runtime": runtime_description(), "runtime_short": args.runtime,
-        "ld_preload": os.environ.get("LD_PRELOAD", ""), "command": " ".join([sys.executable] + sys.argv),
+        "ld_preload": os.environ.get("LD_PRELOAD", ""), "rounds": args.rounds, "command": " ".join([sys.executable] + sys.argv),
         "adaptive_chain": "unavailable: vLLM 0.32's enable_adaptive_verification needs the V2 "
                           "model runner and FULL CUDA graphs (GPU only)",
     }
@@ -373,23 +378,26 @@ def main(argv=None) -> int:
         methods = args.methods if mode == "offline" else args.server_methods
         kw = dict(max_tokens=args.max_tokens, depth=depth, enforce_eager=args.enforce_eager,
                   warmup_prompts=warm)
-        for method in methods:
-            if mode == "offline":  # one engine per method, every batch size
-                print(f"[{mode}] {label(method)}, batch sizes {batches[mode]} ...", flush=True)
-                runs = run_method_batches(method, target, drafter,
-                                          {b: batch_prompts(b) for b in batches[mode]}, **kw)
-            else:
-                runs = []
-                for bsz in batches[mode]:
-                    print(f"[{mode}] batch {bsz}: {label(method)} ...", flush=True)
-                    runs.append(run_server(method, target, drafter, batch_prompts(bsz),
-                                           log_dir=log_dir, batch_size=bsz, **kw))
-            for r in runs:
-                r["mode"] = mode
-                results.append(r)
-                print(f"    batch {r['batch_size']}: {r['tokens_per_s']:.1f} tok/s, accepted length "
-                      f"{r['mean_accepted_length']:.2f}", flush=True)
-            save()
+        for rnd in range(args.rounds):
+            for method in (methods if rnd % 2 == 0 else methods[::-1]):
+                if mode == "offline":  # one engine per method, every batch size
+                    print(f"[{mode}] {label(method)}, batch sizes {batches[mode]} ...", flush=True)
+                    runs = run_method_batches(method, target, drafter,
+                                              {b: batch_prompts(b) for b in batches[mode]}, **kw)
+                else:
+                    runs = []
+                    for bsz in batches[mode]:
+                        print(f"[{mode}] batch {bsz}: {label(method)} ...", flush=True)
+                        runs.append(run_server(method, target, drafter, batch_prompts(bsz),
+                                               log_dir=log_dir, batch_size=bsz, **kw))
+                for r in runs:
+                    r["mode"] = mode
+                    r["round"] = rnd
+                    results.append(r)
+                    print(f"    batch {r['batch_size']}: {r['tokens_per_s']:.1f} tok/s, accepted length "
+                          f"{r['mean_accepted_length']:.2f}", flush=True)
+                save()
+    results = merge_rounds(results)
     results.sort(key=lambda r: (args.modes.index(r["mode"]), r["batch_size"]))
     base = {(r["mode"], r["batch_size"]): r["outputs"] for r in results if r["method"] == "ar"}
     lossless = True

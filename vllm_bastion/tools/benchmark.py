@@ -228,6 +228,28 @@ def _run_result(method, batch_size, prompts, outs, wall, before, after, tree) ->
     }
 
 
+def merge_rounds(results: list[dict]) -> list[dict]:
+    """One result per (mode, method, batch size) from several rounds of the
+    same runs (a benchmark that runs its methods in order, then in reverse
+    order, ... so that the machine's drift over time falls on every method
+    alike): tokens and seconds summed, tokens/s = their ratio, each round's
+    tokens/s kept in `tokens_per_s_rounds`; the rest is the first round's."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r.get("mode"), r["method"], r["batch_size"]), []).append(r)
+    merged = []
+    for rs in groups.values():
+        m = {k: v for k, v in rs[0].items() if k != "round"}
+        if len(rs) > 1:
+            m["tokens"] = sum(r["tokens"] for r in rs)
+            m["seconds"] = sum(r["seconds"] for r in rs)
+            m["tokens_per_s"] = m["tokens"] / m["seconds"]
+            m["tokens_per_s_rounds"] = [r["tokens_per_s"] for r in rs]
+            m["outputs_agree_across_rounds"] = all(r["outputs"] == rs[0]["outputs"] for r in rs)
+        merged.append(m)
+    return merged
+
+
 # ------------------------------------------------------------------ tables
 
 

@@ -1,0 +1,24 @@
+"""scripts/bench.py --rounds: results of several rounds merge into one per method and batch."""
+
+import pytest
+
+from vllm_bastion.tools.benchmark import merge_rounds
+
+
+def _r(method, b, tokens, seconds, rnd, outputs=((1, 2),)):
+    return {"mode": "offline", "method": method, "batch_size": b, "tokens": tokens,
+            "seconds": seconds, "tokens_per_s": tokens / seconds, "round": rnd,
+            "outputs": [list(o) for o in outputs]}
+
+
+def test_rounds_merge_into_total_tokens_over_total_seconds():
+    res = [_r("ar", 1, 100, 2.0, 0), _r("bastion", 1, 100, 1.0, 0),
+           _r("bastion", 1, 100, 3.0, 1, outputs=((1, 3),)), _r("ar", 1, 100, 2.0, 1)]
+    out = merge_rounds(res)
+    assert [(r["method"], r["batch_size"]) for r in out] == [("ar", 1), ("bastion", 1)]
+    b = out[1]
+    assert b["tokens_per_s"] == pytest.approx(200 / 4.0)
+    assert b["tokens_per_s_rounds"] == [100.0, pytest.approx(100 / 3)]
+    assert b["outputs_agree_across_rounds"] is False and out[0]["outputs_agree_across_rounds"]
+    assert "round" not in b
+    assert merge_rounds([_r("ar", 4, 10, 1.0, 0)])[0]["tokens_per_s"] == 10.0
