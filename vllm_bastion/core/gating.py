@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .latency import LatencyModel
+from .robust_ema import OutlierClip
 _F64 = torch.float64
 
 
@@ -139,8 +140,7 @@ class LinearCost:
         self._P1 = torch.diag(torch.tensor([1.0, 1.0 / 64.0], dtype=_F64))  # one sample's worth
         self.P = self._P1 / prior_weight
         self.lam = forgetting
-        self.clip, self.confirm = float(clip), int(confirm)
-        self._run = self._sign = 0
+        self._clip = OutlierClip(clip, confirm)
         self.samples = 0
 
     @property
@@ -158,17 +158,12 @@ class LinearCost:
         if not np.isfinite(seconds) or seconds < 0:
             return
         pred = self(m) if m > 0 else self.fixed
-        if pred > 0 and abs(seconds - pred) > self.clip * pred:
-            sign = 1 if seconds > pred else -1
-            self._run = self._run + 1 if sign == self._sign else 1
-            self._sign = sign
-            if self._run < self.confirm:
-                seconds = pred * (1 + sign * self.clip)
-            else:
-                self._run = 0  # a level change: taken as measured, and the old
-                self.P = self._P1.clone()  # fit weighs no more than one sample
+        if pred > 0:
+            seconds, level_change = self._clip(pred, seconds)
+            if level_change:  # taken as measured, and the old fit
+                self.P = self._P1.clone()  # weighs no more than one sample
         else:
-            self._run = 0
+            self._clip.reset()
         x = torch.tensor([1.0, float(m)], dtype=_F64)
         Px = self.P @ x
         k = Px / (self.lam + x @ Px)

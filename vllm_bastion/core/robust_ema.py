@@ -13,6 +13,37 @@ from __future__ import annotations
 import math
 
 
+class OutlierClip:
+    """Huber-style clipping of a sample against a reference (the current
+    estimate or prediction), shared by `RobustEma` and the drafter's
+    `LinearCost`: a sample further than `clip` (relative) from the reference
+    is moved to that distance, unless it is the `confirm`-th such sample in a
+    row on the same side, which is a level change and passes as measured."""
+
+    def __init__(self, clip: float = 0.5, confirm: int = 3):
+        self.clip = float(clip)
+        self.confirm = int(confirm)
+        self._run = 0
+        self._sign = 0
+
+    def reset(self) -> None:
+        """Forget the current run of outliers."""
+        self._run = 0
+
+    def __call__(self, ref: float, x: float) -> tuple[float, bool]:
+        """(the sample to use, whether it is a confirmed level change)."""
+        if abs(x - ref) <= self.clip * ref:
+            self.reset()
+            return x, False
+        sign = 1 if x > ref else -1
+        self._run = self._run + 1 if sign == self._sign else 1
+        self._sign = sign
+        if self._run >= self.confirm:
+            self.reset()
+            return x, True
+        return ref * (1 + sign * self.clip), False
+
+
 class RobustEma:
     """EMA of a positive quantity (e.g. measured T_fix) with Huber-style
     clipping of isolated outliers; `confirm` consecutive same-sign outliers
@@ -21,10 +52,7 @@ class RobustEma:
     def __init__(self, value: float | None = None, alpha: float = 0.1, clip: float = 0.5, confirm: int = 3):
         self.value = None if value is None else float(value)
         self.alpha = float(alpha)
-        self.clip = float(clip)
-        self.confirm = int(confirm)
-        self._run = 0
-        self._sign = 0
+        self._clip = OutlierClip(clip, confirm)
 
     def update(self, x: float) -> float | None:
         x = float(x)
@@ -33,17 +61,9 @@ class RobustEma:
         if self.value is None or self.value <= 0:
             self.value = x
             return self.value
-        rel = (x - self.value) / self.value
-        sign = 1 if rel > 0 else -1
-        if abs(rel) > self.clip:
-            self._run = self._run + 1 if sign == self._sign else 1
-            self._sign = sign
-            if self._run >= self.confirm:
-                self.value = x  # level change confirmed: jump
-                self._run = 0
-                return self.value
-            rel = sign * self.clip
+        x, jump = self._clip(self.value, x)
+        if jump:
+            self.value = x  # level change confirmed: jump
         else:
-            self._run = 0
-        self.value = max(0.0, self.value * (1 + self.alpha * rel))
+            self.value = max(0.0, self.value + self.alpha * (x - self.value))
         return self.value
