@@ -2,7 +2,7 @@
 
     python scripts/bench.py --pair scaled-0.6b [--batch-sizes 1 4 16 64]
         [--server-batch-sizes 1 16] [--methods ...] [--prompts heldout]
-        [--num-prompts 16] [--max-tokens 128] [--runtime recommended] [--out results/bench]
+        [--num-prompts 16] [--requests-per-slot 2] [--max-tokens 128] [--runtime recommended] [--out results/bench]
 
 Pairs: `shipped` (the trained 6.8M-parameter pair in the package) or
 `scaled-<shape>` (the same pair widened function-preservingly to a real
@@ -11,7 +11,8 @@ Methods (all by default): `ar`; `dflash` (vLLM's chain at its default
 length, the drafter's block size - 1); `dflash-1/2/4/8` (hand-tuned chain
 lengths; the best of them per batch size is "the best-tuned chain");
 `bastion` (defaults); `bastion-off` (speculation forced off: BASTION's
-overhead floor); `bastion-top1` (top-1 trees of the default chain length:
+overhead floor); `bastion-always` (every request drafts every step: the
+budget sizes trees, nothing switches drafting off); `bastion-top1` (top-1 trees of the default chain length:
 the same drafts as `dflash`); `bastion-fixed-N` (top-8 trees of exactly N
 nodes: their cost per step against `dflash-N`'s). vLLM 0.32's own adaptive chain length
 (`enable_adaptive_verification`) needs the V2 model runner and FULL CUDA
@@ -19,6 +20,11 @@ graphs, so it cannot run on CPU; it is listed as unavailable.
 
 Same prompts for every method, greedy with ignore_eos, so every method
 generates the same tokens (checked: the run fails if any differs from AR).
+"Batch size b" is b requests in flight: offline, a new request joins the
+engine as soon as one finishes (tools.benchmark.generate_concurrent, like
+vLLM's max_num_seqs); through the server, b concurrent clients. Each run
+has at least `--requests-per-slot` x b requests, so the tail at the very end
+(the last requests decoding at a shrinking batch) weighs little.
 For every (mode, batch size, method): tokens/s, mean accepted length, nodes
 per drafted request-step, BASTION's share of request-steps that drafted, its
 predicted vs measured verify time; per batch size the ratios BASTION / AR,
@@ -247,13 +253,14 @@ def phase_table(results: list[dict]) -> list[str]:
     rows = [r for r in results if (r.get("tree") or {}).get("time_per_step")]
     if not rows:
         return []
-    out = ["", "| mode | batch | method | " + " | ".join(PHASES) + " | step total (ms) |",
-           "|---|---|---|" + "---|" * (len(PHASES) + 1)]
+    out = ["", "| mode | batch | method | " + " | ".join(PHASES)
+           + " | step total (ms) | branch waves per step |",
+           "|---|---|---|" + "---|" * (len(PHASES) + 2)]
     for r in rows:
         t = r["tree"]["time_per_step"]
         out.append(f"| {r['mode']} | {r['batch_size']} | {label(r['method'])} | "
                    + " | ".join(f"{t.get(p + '_ms', 0.0):.2f}" for p in PHASES)
-                   + f" | {t.get('step_total_ms', 0.0):.2f} |")
+                   + f" | {t.get('step_total_ms', 0.0):.2f} | {t.get('branch_waves', 0.0):.2f} |")
     return out
 
 
@@ -329,6 +336,8 @@ def main(argv=None) -> int:
     ap.add_argument("--server-batch-sizes", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--num-prompts", type=int, default=16,
                     help="timed requests per run (at least the batch size)")
+    ap.add_argument("--requests-per-slot", type=int, default=2,
+                    help="timed requests per run are at least this many times the batch size")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--modes", nargs="+", default=["offline", "server"], choices=["offline", "server"])
     ap.add_argument("--methods", nargs="+", default=ALL_METHODS)
@@ -348,7 +357,7 @@ def main(argv=None) -> int:
     depth = draft_depth(drafter)
     out = args.out or f"results/bench_{args.pair}_{args.prompts}"
     batches = {m: (args.batch_sizes if m == "offline" else args.server_batch_sizes) for m in args.modes}
-    need = max(max(args.num_prompts, b) for bs in batches.values() for b in bs)
+    need = max(max(args.num_prompts, args.requests_per_slot * b) for bs in batches.values() for b in bs)
     pool = load_prompts(args.prompts, target, need + 2)
     warm, pool = pool[:2], pool[2:]
     meta = {
@@ -357,7 +366,8 @@ def main(argv=None) -> int:
         "cpu_count": os.cpu_count(), "pair": f"{args.pair} ({target})", "prompts": args.prompts,
         "max_tokens": args.max_tokens, "enforce_eager": args.enforce_eager,
         "runtime": runtime_description(), "runtime_short": args.runtime,
-        "ld_preload": os.environ.get("LD_PRELOAD", ""), "rounds": args.rounds, "command": " ".join([sys.executable] + sys.argv),
+        "ld_preload": os.environ.get("LD_PRELOAD", ""), "rounds": args.rounds,
+        "requests_per_slot": args.requests_per_slot, "command": " ".join([sys.executable] + sys.argv),
         "adaptive_chain": "unavailable: vLLM 0.32's enable_adaptive_verification needs the V2 "
                           "model runner and FULL CUDA graphs (GPU only)",
     }
@@ -370,8 +380,7 @@ def main(argv=None) -> int:
             json.dump([{k: v for k, v in x.items() if k != "outputs"} for x in results], f)
 
     def batch_prompts(bsz):
-        n = max(args.num_prompts, bsz)
-        n = -(-n // bsz) * bsz
+        n = max(args.num_prompts, args.requests_per_slot * bsz)
         return [pool[i % len(pool)] for i in range(n)]
 
     for mode in args.modes:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_bastion.core.budget import choose_batch_budget, plan_batch_budget, snap_to_bucket, surrogate
+from vllm_bastion.core.budget import (choose_batch_budget, plan_batch_budget, prefix_paths,
+                                      snap_to_bucket, surrogate)
 from vllm_bastion.profiles import load_device_prior
 from vllm_bastion.core.latency import LatencyModel, RooflineCoeffs
 from vllm_bastion.core.model_shape import ModelShape
@@ -364,3 +365,30 @@ def test_vectorized_and_fast(W):
             plan_batch_budget(trees.scores, ctx, lm, exact=exact)
         dt = (time.perf_counter() - t0) / 5
         assert dt < 0.1, dt  # measured 0.4-3 ms (one thread, shared 2-core box)
+
+
+def test_prefix_paths_counts_leaves_of_every_best_first_prefix():
+    # root 0; 1 <- 0, 2 <- 1, 3 <- 0, 4 <- 1, 5 <- 2; padding after
+    parents = torch.tensor([[-1, 0, 1, 0, 1, 2, -1, -1]])
+    # prefixes: {} 0, {1} 1, {1,2} 1, +3 2, +4 3, +5 (extends leaf 2) 3, padding
+    assert prefix_paths(parents).tolist() == [[0, 1, 1, 2, 3, 3, 3, 3]]
+    chain = torch.tensor([[-1, 0, 1, 2, 3]])
+    assert prefix_paths(chain).tolist() == [[0, 1, 1, 1, 1]]
+
+
+def test_branch_waves_make_trees_chain_like_when_dear():
+    """Each root-to-leaf path beyond the first costs `wave_cost`: a dear wave
+    drops the branches a free one keeps, and keeps the chain nodes."""
+    # a chain 1-2-3 with side branches 4 (under root) and 5 (under 1); the
+    # side branches come earlier in best-first order than the chain's tail
+    parents = torch.tensor([[-1, 0, 1, 0, 1, 2]])
+    logp = torch.log(torch.tensor([[1.0, 0.9, 0.8, 0.5, 0.45, 0.4]]))
+    lat = qwen_h100()
+    free = plan_batch_budget(logp, [64], lat, t_fix=0.01, exact=True)
+    assert int(free.num_nodes[0]) == 5
+    dear = plan_batch_budget(logp, [64], lat, t_fix=0.01, exact=True, parents=parents,
+                             wave_cost=1.0)
+    assert int(dear.num_nodes[0]) == 2  # the chain 1-2, no branch
+    same = plan_batch_budget(logp, [64], lat, t_fix=0.01, exact=True, parents=parents,
+                             wave_cost=0.0)
+    assert int(same.num_nodes[0]) == 5

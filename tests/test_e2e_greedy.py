@@ -13,6 +13,7 @@ from prompts import mixed_prompts
 
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
+from vllm_bastion.tools.benchmark import generate_concurrent
 from vllm_bastion.tools.oracle import generate_with_oracle
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
@@ -74,6 +75,19 @@ def test_staggered_arrivals_and_finishes(bastion_llm, references):
     ref = references(prompts, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
     for i in range(len(prompts)):
         assert done[i] == ref[i][: lengths[i]], f"request {i}"
+
+
+def test_benchmark_keeps_a_fixed_number_of_requests_in_flight(bastion_llm, references):
+    """scripts/bench.py's offline protocol (tools.benchmark.generate_concurrent):
+    at most `concurrency` requests in flight, the batch refilled as requests
+    finish, outputs in prompt order and equal to the reference."""
+    prompts = mixed_prompts(7, seed=11)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    outs, most = generate_concurrent(bastion_llm, prompts, params, 3)
+    assert most == 3
+    assert token_ids(outs) == references(prompts, params)
+    with pytest.raises(ValueError, match="concurrency"):
+        generate_concurrent(bastion_llm, prompts, params, 0)
 
 
 def test_prefix_cache_hits_keep_outputs(bastion_llm, references):

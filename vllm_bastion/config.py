@@ -122,7 +122,9 @@ class BastionConfig(BaseModel):
     )
     online_refit: bool = Field(
         default=True,
-        description="Refit the latency model from measured step times while serving.",
+        description="Refit the latency model from measured step times while serving "
+        "(and price the measured branch waves of CPU tree attention; off: the model "
+        "as calibrated or given by device_profile is the whole verify cost).",
     )
     device_profile: str | None = Field(
         default=None,

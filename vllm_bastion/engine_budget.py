@@ -34,6 +34,10 @@ _TIMINGS = {
     # scheduler's handling of drafts; plain steps pay none of it
     "t_base_plain": "t_base of steps without speculation work",
     "t_base_spec": "t_base of steps with speculation work",
+    # the chain-exact CPU path computes branch rows in extra backend passes
+    # (tree_attention.chain_exact_rows), one per branch path; outside C
+    "wave_s": "seconds of one branch wave (tree attention per wave)",
+    "waves_step_s": "seconds of branch waves per step that verified trees",
 }
 
 
@@ -50,7 +54,7 @@ def _timing(name: str) -> property:
 class EngineBudget:
     """The latency model, the step timings and the per-step plan."""
 
-    t_fix, gap_ema, t_base, t_base_plain, t_base_spec = map(_timing, _TIMINGS)
+    t_fix, gap_ema, t_base, t_base_plain, t_base_spec, wave_s, waves_step_s = map(_timing, _TIMINGS)
 
     def __init__(self, config):
         self.config = config
@@ -111,6 +115,17 @@ class EngineBudget:
                     self._t["t_base_spec" if spec else "t_base_plain"].update(outside + gap)
         self._outside = None
 
+    @property
+    def wave_cost(self) -> float:
+        """Seconds per branch wave the plan prices (measured; 0 without online refit)."""
+        return (self.wave_s or 0.0) if self.config.online_refit else 0.0
+
+    def observe_waves(self, waves: int, seconds: float) -> None:
+        """Branch waves of a step that verified trees and their seconds."""
+        self._t["waves_step_s"].update(seconds)
+        if waves > 0:
+            self._t["wave_s"].update(seconds / waves)
+
     def observe_draft(self, num_drafting: int, seconds: float) -> None:
         """Drafter forward + tree build + budget of one step's drafting requests."""
         self._draft_s = seconds
@@ -147,15 +162,17 @@ class EngineBudget:
             torch.from_numpy(np.asarray(contexts, dtype=np.float64)),
             torch.from_numpy(np.asarray(eligible)), self.refit.model,
             t_base=self.t_base_plain if self.t_base_plain is not None else (self.t_base or 0.0),
-            draft_fixed=self.draft_cost.fixed + self.spec_overhead(),
+            draft_fixed=self.draft_cost.fixed + self.spec_overhead()
+            + ((self.waves_step_s or 0.0) if self.config.online_refit else 0.0),
             draft_per_req=self.draft_cost.per_item, force=torch.from_numpy(np.asarray(force)))
         return d.drafts.numpy()
 
     # ------------------------------------------------------------ plan
 
     def plan(self, scores: torch.Tensor, contexts: np.ndarray, decoding: np.ndarray,
-             room: int) -> torch.Tensor:
-        """Per-request node counts [B] for the next step (one budget for the batch)."""
+             room: int, parents: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-request node counts [B] for the next step (one budget for the
+        batch); `parents` (the trees', best-first order) prices branch waves."""
         cfg = self.config
         caps = torch.from_numpy(np.where(decoding, cfg.max_nodes, 0)).long()
         model = self.refit.model
@@ -169,7 +186,7 @@ class EngineBudget:
         decision = plan_batch_budget(
             scores, torch.from_numpy(np.maximum(contexts, 0)), model, t_fix=t_fix,
             min_nodes=torch.where(caps > 0, cfg.min_nodes, 0), max_nodes=caps, exact=True,
-            max_total_nodes=max(0, room),
+            max_total_nodes=max(0, room), parents=parents, wave_cost=self.wave_cost,
         )
         n = decision.num_nodes.cpu()
         self.planned_steps += 1
@@ -184,7 +201,7 @@ class EngineBudget:
                "mean_predicted_verify_s": self.pred_total / max(self.verify_steps, 1),
                "mean_measured_verify_s": self.meas_total / max(self.verify_steps, 1),
                "t_base_s": self.t_base, "t_base_plain_s": self.t_base_plain,
-               "t_base_spec_s": self.t_base_spec,
+               "t_base_spec_s": self.t_base_spec, "wave_s": self.wave_s,
                "draft_fixed_s": self.draft_cost.fixed if self.draft_cost else None,
                "draft_per_request_s": self.draft_cost.per_item if self.draft_cost else None}
         if self.refit is not None:

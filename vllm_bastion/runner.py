@@ -100,6 +100,7 @@ class BastionRunnerMixin:
         self._bastion_exec = None  # (aux_hidden_states, slot_mappings) of the step
         self._bastion_structured = True  # the step schedules structured-output requests
         self._bastion_verify_t0 = 0.0
+        self._bastion_waves = 0  # branch waves of the step's chain-exact tree attention
         self._bastion_budget = EngineBudget(cfg) if cfg.budget == "auto" else None
         self.bastion_stats.budget = self._bastion_budget
         self.bastion_acceptance = (
@@ -282,13 +283,15 @@ class BastionRunnerMixin:
         if cad is None or drafter_gid != gid:
             raise RuntimeError("BASTION needs the target and the drafter in one KV cache group")
         group = next(g for g in self.attn_groups[gid] if self._bastion_layers[0] in g.layer_names)
-        return TreeAttentionStep.build(
+        step = TreeAttentionStep.build(
             plan, cad, group, self.device,
             block_size=self.input_batch.block_table[gid].block_size,
             num_blocks=self.kv_cache_config.num_blocks,
             max_nodes=self.bastion_config.max_nodes,
             chain_exact=self._bastion_chain_exact,
         )
+        self._bastion_waves = len(step.waves or ())
+        return step
 
     # ------------------------------------------------------------ forward
 
@@ -296,13 +299,16 @@ class BastionRunnerMixin:
         t0 = now()
         self._bastion_structured = getattr(scheduler_output, "has_structured_output_requests", True)
         fix0 = _tree_attention.FIXUP_SECONDS[0]
+        self._bastion_waves = 0
         out = super().execute_model(scheduler_output, intermediate_tensors)
         t1 = now()
+        fix = _tree_attention.FIXUP_SECONDS[0] - fix0
         timer = self.bastion_stats.timer
         timer.steps += 1
         timer.add("verify_forward", t1 - t0)
         timer.add("step_total", t1 - t0)
-        timer.add("tree_attention", _tree_attention.FIXUP_SECONDS[0] - fix0)
+        timer.add("tree_attention", fix)
+        timer.branch_waves += self._bastion_waves
         st = self.execute_model_state
         self._bastion_exec = (st.aux_hidden_states, st.slot_mappings) if st is not None else None
         budget = self._bastion_budget
@@ -310,7 +316,11 @@ class BastionRunnerMixin:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
                 t1 = now()
-            budget.observe_verify(self._bastion_sched, self._bastion_computed, t1 - t0, t0)
+            # the latency model prices the forward; branch waves are priced apart
+            budget.observe_verify(self._bastion_sched, self._bastion_computed, t1 - t0 - fix, t0)
+            plan = self._bastion_plan
+            if plan is not None and bool(plan.trees.num_nodes.any()):
+                budget.observe_waves(self._bastion_waves, fix)
         return out
 
     def sample_tokens(self, grammar_output):
@@ -569,7 +579,8 @@ class BastionRunnerMixin:
         budget = self._bastion_budget
         if budget is not None and budget.ready:
             room = self.max_num_tokens - B - len(idx) * cfg.draft_depth
-            n = budget.plan(trees.scores, ctx_end[idx] - 1, np.ones(len(idx), bool), room)
+            n = budget.plan(trees.scores, ctx_end[idx] - 1, np.ones(len(idx), bool), room,
+                            parents=trees.parents)
             trees = trees.truncate(_same_on_all_tp_ranks(n))
             timer.add("budget", now() - t3)
         trees, _ = spine_first(trees)

@@ -80,13 +80,15 @@ class PhaseTimer:
     def __init__(self):
         self.total = {p: 0.0 for p in self.PHASES}
         self.steps = 0
+        self.branch_waves = 0  # chain-exact tree attention passes (CPU)
 
     def add(self, phase: str, seconds: float) -> None:
         self.total[phase] = self.total.get(phase, 0.0) + seconds
 
     def summary(self) -> dict:
         n = max(self.steps, 1)
-        return {f"{k}_ms": round(1e3 * v / n, 3) for k, v in self.total.items()} | {"steps": self.steps}
+        return ({f"{k}_ms": round(1e3 * v / n, 3) for k, v in self.total.items()}
+                | {"steps": self.steps, "branch_waves": round(self.branch_waves / n, 3)})
 
 
 class StatsLogger:

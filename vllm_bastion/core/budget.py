@@ -27,6 +27,14 @@ that depend on total tokens only); with per-request attention costs
 (different contexts) C can be locally non-convex along the merged order and
 `exact` can find a larger plan.
 
+Branch waves. A backend that computes a tree's branch rows as extra
+passes (the chain-exact CPU path: one pass per root-to-leaf path beyond the
+spine, batched over requests) pays `wave_cost` seconds per pass: a plan
+whose requests' prefixes have at most w branch paths costs
+T_fix + C + wave_cost * w. With `parents` given, this term is part of every
+prefix's cost (`prefix_paths`), so a node that opens a new branch pays for
+its pass, and a tree turns chain-like where passes are dear.
+
 Consequences: trees shrink as the batch grows (S grows like B while the
 marginal cost of a node does not shrink), and when verification is expensive
 relative to the gain the result is 0 nodes for every request, i.e.
@@ -48,6 +56,7 @@ __all__ = [
     "plan_batch_budget",
     "choose_batch_budget",
     "snap_to_bucket",
+    "prefix_paths",
 ]
 
 _F64 = torch.float64
@@ -65,6 +74,23 @@ def surrogate(scores: torch.Tensor, num_nodes: torch.Tensor | None = None) -> to
     return p.sum(dim=1)
 
 
+def prefix_paths(parents: torch.Tensor) -> torch.Tensor:
+    """[B, W] root-to-leaf paths of every best-first prefix: out[b, n] is the
+    number of leaves of the tree made of the root and columns 1..n of row b
+    (0 for n = 0; padding columns, parent < 0, add none). Parents must come
+    before their children (best-first order): a node adds a path unless it
+    is the first child of a non-root node, which then stops being a leaf."""
+    B, W = parents.shape
+    dev = parents.device
+    cols = torch.arange(W, device=dev).expand(B, W)
+    par = parents.long().clamp(min=0)
+    valid = (parents >= 0) & (cols >= 1)
+    first_child = torch.full((B, W), W, dtype=torch.long, device=dev).scatter_reduce(
+        1, par, torch.where(valid, cols, W), "amin")
+    extends = valid & (par > 0) & (first_child.gather(1, par) == cols)
+    return torch.cumsum((valid & ~extends).long(), dim=1)
+
+
 @dataclass
 class BudgetDecision:
     """Result of `plan_batch_budget`. Tensors stay on the scores' device."""
@@ -73,7 +99,7 @@ class BudgetDecision:
     total_nodes: torch.Tensor  # () int64
     expected_tokens: torch.Tensor  # () float64, S of the whole batch (roots included)
     step_time: torch.Tensor  # () float64, predicted verify forward C (s)
-    round_time: torch.Tensor  # () float64, T_fix + C (s)
+    round_time: torch.Tensor  # () float64, T_fix + C (+ branch waves) (s)
     throughput: torch.Tensor  # () float64, expected tokens / s with these trees
     no_spec_step_time: torch.Tensor  # () float64, C with no draft nodes at all (s)
     batch_size: int
@@ -111,6 +137,8 @@ def plan_batch_budget(
     buckets: Sequence[int] | torch.Tensor | None = None,
     bucket_offset: int = 0,
     buckets_unbounded_above: bool = False,
+    parents: torch.Tensor | None = None,
+    wave_cost: float = 0.0,
 ) -> BudgetDecision:
     """Choose every request's node count for one step (see module docstring).
 
@@ -136,6 +164,9 @@ def plan_batch_budget(
             The plan without any optional node is always allowed.
         buckets_unbounded_above: totals above max(buckets) are all allowed
             (vLLM runs those eagerly).
+        parents, wave_cost: [B, W] the trees' parents (TreeBatch layout, same
+            columns as `scores`) and the seconds of one branch wave (module
+            docstring); the wave term is left out when either is missing.
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be [batch, width], got {tuple(scores.shape)}")
@@ -192,8 +223,16 @@ def plan_batch_budget(
     F = F0 + torch.cat([zero, torch.cumsum(dF, 0)])
     M = M0 + torch.cat([zero, torch.cumsum(dM, 0)])
     C = cost(F, M)  # [K+1], C[k] = cost with the first k merged nodes
+    if parents is not None and wave_cost > 0 and N > 0:
+        # branch waves of the plan: the most branch paths of one request
+        bp = (prefix_paths(parents.to(device)) - 1).clamp(min=0).to(_F64)  # [B, W]
+        w0 = bp.gather(1, min_eff[:, None]).max()
+        w_node = bp[:, 1:].reshape(-1)[order]
+        extra = wave_cost * torch.cummax(torch.cat([w0.reshape(1), w_node]), 0).values
+    else:
+        extra = torch.zeros_like(C)
     S = S0 + torch.cat([zero, torch.cumsum(p_sorted, 0)])
-    T = t_fix + C
+    T = t_fix + C + extra
 
     K = order.numel()
     kk = torch.arange(K + 1, device=device)
@@ -215,7 +254,7 @@ def plan_batch_budget(
         theta = (S / T).masked_fill(~(allowed & bucket_ok), float("-inf"))
         k_star = torch.argmax(theta)  # first maximum: smallest plan among ties
     else:
-        gain = p_sorted * T[:-1] > S[:-1] * (C[1:] - C[:-1])
+        gain = p_sorted * T[:-1] > S[:-1] * (T[1:] - T[:-1])
         fail = ~(gain & allowed[1:])
         if K == 0:
             k_star = torch.zeros((), dtype=torch.long, device=device)

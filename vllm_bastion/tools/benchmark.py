@@ -23,6 +23,7 @@ LABELS = {
     "dflash": "vLLM DFlash chain",
     "bastion": "BASTION",
     "bastion-off": "BASTION, speculation off",
+    "bastion-always": "BASTION, always drafting",
     "bastion-top1": "BASTION top-1, fixed",
 }
 CHAIN_LENGTHS = (1, 2, 4, 8)
@@ -133,6 +134,8 @@ def speculative_config(method: str, drafter: str, depth: int, extra: dict | None
     spec = {"method": "bastion", "model": drafter}
     if method == "bastion-off":
         spec["drafting"] = "never"
+    elif method == "bastion-always":  # every request drafts every step (no gate)
+        spec["drafting"] = "always"
     elif method == "bastion-top1":
         spec.update(topk=1, budget="fixed", max_nodes=depth)
     elif method.startswith("bastion-fixed-"):  # trees of exactly N nodes
@@ -164,10 +167,10 @@ def run_method_batches(method: str, target: str, drafter: str, prompts: dict[int
                        max_tokens: int, depth: int, enforce_eager: bool, bastion: dict | None = None,
                        warmup_prompts: list[str] = (), max_model_len: int = 2048) -> list[dict]:
     """One engine for `method`; for every batch size b in `prompts` (in
-    order), generate prompts[b] in groups of b requests, timed separately
-    (after one untimed warm-up on `warmup_prompts`, which also compiles).
-    A BASTION engine keeps what it learned from one batch size to the next,
-    as a server does when its load changes."""
+    order), generate prompts[b] with b requests in flight (generate_concurrent),
+    timed separately (after one untimed warm-up on `warmup_prompts`, which
+    also compiles). A BASTION engine keeps what it learned from one batch
+    size to the next, as a server does when its load changes."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=target, max_model_len=max_model_len, seed=0, enforce_eager=enforce_eager,
@@ -183,10 +186,8 @@ def run_method_batches(method: str, target: str, drafter: str, prompts: dict[int
             if is_bastion:
                 llm.collective_rpc("bastion_reset_stats")
             before = spec_counters(llm)
-            outs = []
             t0 = time.perf_counter()
-            for i in range(0, len(ps), batch_size):
-                outs += llm.generate(ps[i : i + batch_size], sp, use_tqdm=False)
+            outs, _ = generate_concurrent(llm, ps, sp, batch_size)
             wall = time.perf_counter() - t0
             after = spec_counters(llm)
             tree = llm.collective_rpc("bastion_stats")[0] if is_bastion else {}
@@ -196,6 +197,34 @@ def run_method_batches(method: str, target: str, drafter: str, prompts: dict[int
         del llm
         gc.collect()
     return results
+
+
+def generate_concurrent(llm, prompts: list[str], params, concurrency: int) -> tuple[list, int]:
+    """Generate `prompts` with at most `concurrency` requests in flight: a
+    new request joins as soon as one finishes, as with vLLM's max_num_seqs
+    or a server under `concurrency` clients (continuous batching). Speculating
+    requests finish at different steps; in fixed groups of requests the last
+    ones of every group would decode at a shrinking batch (a tail that plain
+    decoding, whose requests of equal length finish together, never has).
+    Returns the outputs in prompt order and the most requests seen in flight."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    engine = llm.llm_engine
+    if engine.has_unfinished_requests():
+        raise RuntimeError("generate_concurrent needs an idle engine")
+    done: dict[int, object] = {}
+    nxt = in_flight = most = 0
+    while len(done) < len(prompts):
+        while in_flight < concurrency and nxt < len(prompts):
+            engine.add_request(f"bench-{nxt}", prompts[nxt], params)
+            nxt += 1
+            in_flight += 1
+        most = max(most, engine.get_num_unfinished_requests())
+        for out in engine.step():
+            if out.finished:
+                done[int(out.request_id.rsplit("-", 1)[1])] = out
+                in_flight -= 1
+    return [done[i] for i in range(len(prompts))], most
 
 
 def _run_result(method, batch_size, prompts, outs, wall, before, after, tree) -> dict:
