@@ -12,7 +12,7 @@ import torch
 from vllm_bastion.core.latency import DevicePrior, LatencyModel, RooflineCoeffs
 
 from vllm_bastion.core.model_shape import ModelShape
-from vllm_bastion.core.gating import LinearCost, plan_drafting
+from vllm_bastion.core.gating import LinearCost, plan_drafting, probes_due
 from vllm_bastion.drafting import Backlog, ragged_concat, ragged_rows
 from vllm_bastion.request_table import RequestTable
 
@@ -223,3 +223,26 @@ def test_one_slow_step_does_not_switch_drafting_off():
     assert b.spec_overhead() < 0.01 and b.draft_cost(1) < 0.01
     args = (np.full(1, 2.0), np.full(1, 6.0), np.full(1, 100.0), np.ones(1, bool), np.zeros(1, bool))
     assert b.plan_drafting(*args).all()
+
+
+def test_probes_are_batched():
+    """One due request brings every request idle for 3/4 of the interval with
+    it, so a large batch pays the drafter for probes about once per interval."""
+    eligible = np.array([True, True, True, True, False])
+    idle = np.array([32, 24, 23, 0, 40])
+    pb = np.zeros(5, dtype=np.int64)
+    assert probes_due(eligible, idle, pb, 32).tolist() == [True, True, False, False, False]
+    assert not probes_due(eligible, np.array([31, 24, 23, 0, 40]), pb, 32).any()
+    # the batch halved since request 3 last drafted: it is due, and brings request 1
+    shrunk = probes_due(eligible, np.array([0, 30, 0, 0, 0]), np.array([0, 0, 0, 10, 0]), 32)
+    assert shrunk.tolist() == [False, True, False, True, False]
+    # at a batch of 64 with staggered idle counters, the drafter runs for
+    # probes in few steps of an interval, not in nearly every one
+    rng = np.random.default_rng(0)
+    idle = rng.integers(0, 32, 64)
+    runs = 0
+    for _ in range(64):
+        f = probes_due(np.ones(64, bool), idle, np.zeros(64, np.int64), 32)
+        runs += bool(f.any())
+        idle = np.where(f, 0, idle + 1)
+    assert runs <= 8

@@ -41,7 +41,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm_bastion.config import bastion_config_of
 from vllm_bastion.core.acceptance import NUM_CLASSES, AcceptanceCalibrator
 from vllm_bastion.core.compaction import permute_rows_
-from vllm_bastion.core.gating import DraftingEstimates
+from vllm_bastion.core.gating import DraftingEstimates, probes_due
 from vllm_bastion.core.paths import keep_columns, row_layout
 from vllm_bastion.core.step import (
     StepPlan,
@@ -609,8 +609,7 @@ class BastionRunnerMixin:
         if cfg.drafting == "always" or budget is None or not budget.ready or cfg.min_nodes > 0:
             return eligible.copy()
         t = self.bastion_table
-        B = len(eligible)
-        force = eligible & ((t["idle"] >= cfg.reprobe_interval) | (2 * B <= t["probe_batch"]))
+        force = probes_due(eligible, t["idle"], t["probe_batch"], cfg.reprobe_interval)
         decision = budget.plan_drafting(t["gain"], t["nodes"], contexts, eligible, force)
         return _same_on_all_tp_ranks(torch.from_numpy(decision).long()).numpy().astype(bool)
 

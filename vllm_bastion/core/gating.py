@@ -124,6 +124,23 @@ def plan_drafting(
     return DraftDecision(drafts, float(E[k]), float(T[k]), t_empty)
 
 
+def probes_due(eligible: np.ndarray, idle: np.ndarray, probe_batch: np.ndarray,
+               interval: int) -> np.ndarray:
+    """[B] bool: requests that must draft this step to re-measure their gain.
+
+    A request is due after `interval` steps without drafting, or when the
+    batch has halved since it last drafted. Probes are batched: when one is
+    due, every eligible request idle for at least 3/4 of the interval probes
+    with it, so the drafter's fixed cost is paid about once per interval and
+    not at almost every step of a large batch (each request probing alone,
+    at its own step)."""
+    B = len(eligible)
+    due = eligible & ((idle >= interval) | (2 * B <= probe_batch))
+    if not due.any():
+        return due
+    return due | (eligible & (4 * idle >= 3 * interval))
+
+
 class LinearCost:
     """seconds ~ fixed + per_item * m, fitted online (recursive least squares
     with forgetting, started from a prior worth `prior_weight` samples).

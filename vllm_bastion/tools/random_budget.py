@@ -26,7 +26,7 @@ def install_random_budget(worker, seed: int, p_draft: float = 0.7) -> bool:
     def plan_drafting(gain, nodes, contexts, eligible, force):
         return np.asarray(eligible, dtype=bool) & (rng.random(len(eligible)) < p_draft)
 
-    def plan(scores, contexts, decoding, room):
+    def plan(scores, contexts, decoding, room, parents=None):
         n = rng.integers(0, max_nodes + 1, size=len(contexts))
         n = np.where(np.asarray(decoding, dtype=bool), n, 0)
         if n.sum() > max(0, room):  # the token budget, as the real plan respects it
