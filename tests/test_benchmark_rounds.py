@@ -22,3 +22,10 @@ def test_rounds_merge_into_total_tokens_over_total_seconds():
     assert b["outputs_agree_across_rounds"] is False and out[0]["outputs_agree_across_rounds"]
     assert "round" not in b
     assert merge_rounds([_r("ar", 4, 10, 1.0, 0)])[0]["tokens_per_s"] == 10.0
+
+
+def test_rounds_merge_the_full_batch_windows():
+    a, b = _r("ar", 4, 100, 2.0, 0), _r("ar", 4, 100, 2.0, 1)
+    a.update(window_tokens=60, window_seconds=1.0)
+    b.update(window_tokens=40, window_seconds=1.0)
+    assert merge_rounds([a, b])[0]["window_tokens_per_s"] == pytest.approx(50.0)

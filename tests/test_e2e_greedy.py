@@ -83,9 +83,11 @@ def test_benchmark_keeps_a_fixed_number_of_requests_in_flight(bastion_llm, refer
     finish, outputs in prompt order and equal to the reference."""
     prompts = mixed_prompts(7, seed=11)
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    outs, most = generate_concurrent(bastion_llm, prompts, params, 3)
-    assert most == 3
-    assert token_ids(outs) == references(prompts, params)
+    run = generate_concurrent(bastion_llm, prompts, params, 3)
+    assert run.most_in_flight == 3
+    assert run.token_ids == references(prompts, params)
+    # the full-batch window: until the 7th request joined, after 4 had finished
+    assert 4 * 40 <= run.window_tokens < 7 * 40 and 0 < run.window_seconds < run.seconds
     with pytest.raises(ValueError, match="concurrency"):
         generate_concurrent(bastion_llm, prompts, params, 0)
 

@@ -11,6 +11,7 @@ counters and BASTION's statistics.
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass
 import json
 import os
 import sys
@@ -186,12 +187,11 @@ def run_method_batches(method: str, target: str, drafter: str, prompts: dict[int
             if is_bastion:
                 llm.collective_rpc("bastion_reset_stats")
             before = spec_counters(llm)
-            t0 = time.perf_counter()
-            outs, _ = generate_concurrent(llm, ps, sp, batch_size)
-            wall = time.perf_counter() - t0
+            run = generate_concurrent(llm, ps, sp, batch_size)
             after = spec_counters(llm)
             tree = llm.collective_rpc("bastion_stats")[0] if is_bastion else {}
-            results.append(_run_result(method, batch_size, ps, outs, wall, before, after, tree))
+            results.append(_run_result(method, batch_size, ps, run.token_ids, run.seconds, before,
+                                       after, tree, window=(run.window_tokens, run.window_seconds)))
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
@@ -199,36 +199,69 @@ def run_method_batches(method: str, target: str, drafter: str, prompts: dict[int
     return results
 
 
-def generate_concurrent(llm, prompts: list[str], params, concurrency: int) -> tuple[list, int]:
+@dataclass
+class ConcurrentRun:
+    """What generate_concurrent measured."""
+
+    token_ids: list[list[int]]  # per prompt, in prompt order
+    most_in_flight: int
+    seconds: float  # wall time of the whole run
+    # the full-batch window: from the start until the last request joined
+    # (while requests were waiting, every slot was busy), the steady state
+    # of a server under load; None when no request ever waited
+    window_tokens: int | None
+    window_seconds: float | None
+
+
+def generate_concurrent(llm, prompts: list[str], params, concurrency: int) -> ConcurrentRun:
     """Generate `prompts` with at most `concurrency` requests in flight: a
     new request joins as soon as one finishes, as with vLLM's max_num_seqs
     or a server under `concurrency` clients (continuous batching). Speculating
     requests finish at different steps; in fixed groups of requests the last
     ones of every group would decode at a shrinking batch (a tail that plain
     decoding, whose requests of equal length finish together, never has).
-    Returns the outputs in prompt order and the most requests seen in flight."""
+
+    Besides the whole run (a batch job: its makespan), the tokens and time of
+    the full-batch window are returned. With few requests per slot a batch
+    job's makespan hides speedups of some requests (a slot that finishes its
+    requests early idles while others finish theirs); the window does not."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    from vllm.sampling_params import RequestOutputKind
+
     engine = llm.llm_engine
     if engine.has_unfinished_requests():
         raise RuntimeError("generate_concurrent needs an idle engine")
-    done: dict[int, object] = {}
-    nxt = in_flight = most = 0
-    while len(done) < len(prompts):
+    params = params.clone()
+    params.output_kind = RequestOutputKind.DELTA  # tokens as they come, counted per step
+    ids: list[list[int]] = [[] for _ in prompts]
+    finished = nxt = in_flight = most = tokens = 0
+    window = None
+    t0 = time.perf_counter()
+    while finished < len(prompts):
         while in_flight < concurrency and nxt < len(prompts):
+            if nxt == len(prompts) - 1 and nxt >= concurrency:  # the last one joins now
+                window = (tokens, time.perf_counter() - t0)
             engine.add_request(f"bench-{nxt}", prompts[nxt], params)
             nxt += 1
             in_flight += 1
         most = max(most, engine.get_num_unfinished_requests())
         for out in engine.step():
+            new = out.outputs[0].token_ids
+            ids[int(out.request_id.rsplit("-", 1)[1])].extend(new)
+            tokens += len(new)
             if out.finished:
-                done[int(out.request_id.rsplit("-", 1)[1])] = out
+                finished += 1
                 in_flight -= 1
-    return [done[i] for i in range(len(prompts))], most
+    return ConcurrentRun(ids, most, time.perf_counter() - t0,
+                         window[0] if window else None, window[1] if window else None)
 
 
-def _run_result(method, batch_size, prompts, outs, wall, before, after, tree) -> dict:
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+def _run_result(method, batch_size, prompts, outs, wall, before, after, tree,
+                window=(None, None)) -> dict:
+    """One run's row; `outs`: token ids per prompt; `window`: the full-batch
+    window's (tokens, seconds) (ConcurrentRun)."""
+    tokens = sum(len(o) for o in outs)
 
     def delta(name):
         return after.get(name, 0) - before.get(name, 0)
@@ -253,7 +286,10 @@ def _run_result(method, batch_size, prompts, outs, wall, before, after, tree) ->
         "ms_per_step": 1e3 * wall / (drafts / batch_size) if drafts else None,
         "acceptance_by_depth": by_depth,
         "tree": tree,
-        "outputs": [list(o.outputs[0].token_ids) for o in outs],
+        "window_tokens": window[0],
+        "window_seconds": window[1],
+        "window_tokens_per_s": window[0] / window[1] if window[1] else None,
+        "outputs": [list(o) for o in outs],
     }
 
 
@@ -274,6 +310,10 @@ def merge_rounds(results: list[dict]) -> list[dict]:
             m["seconds"] = sum(r["seconds"] for r in rs)
             m["tokens_per_s"] = m["tokens"] / m["seconds"]
             m["tokens_per_s_rounds"] = [r["tokens_per_s"] for r in rs]
+            if all(r.get("window_seconds") for r in rs):
+                m["window_tokens"] = sum(r["window_tokens"] for r in rs)
+                m["window_seconds"] = sum(r["window_seconds"] for r in rs)
+                m["window_tokens_per_s"] = m["window_tokens"] / m["window_seconds"]
             m["outputs_agree_across_rounds"] = all(r["outputs"] == rs[0]["outputs"] for r in rs)
         merged.append(m)
     return merged
