@@ -115,10 +115,15 @@ class EngineBudget:
                     self._t["t_base_spec" if spec else "t_base_plain"].update(outside + gap)
         self._outside = None
 
+    def _priced(self, measured: float | None) -> float:
+        """A measured branch-wave time as the plan prices it (0 without online
+        refit: then the calibrated or given model is the whole verify cost)."""
+        return (measured or 0.0) if self.config.online_refit else 0.0
+
     @property
     def wave_cost(self) -> float:
-        """Seconds per branch wave the plan prices (measured; 0 without online refit)."""
-        return (self.wave_s or 0.0) if self.config.online_refit else 0.0
+        """Seconds per branch wave the plan prices."""
+        return self._priced(self.wave_s)
 
     def observe_waves(self, waves: int, seconds: float) -> None:
         """Branch waves of a step that verified trees and their seconds."""
@@ -162,8 +167,7 @@ class EngineBudget:
             torch.from_numpy(np.asarray(contexts, dtype=np.float64)),
             torch.from_numpy(np.asarray(eligible)), self.refit.model,
             t_base=self.t_base_plain if self.t_base_plain is not None else (self.t_base or 0.0),
-            draft_fixed=self.draft_cost.fixed + self.spec_overhead()
-            + ((self.waves_step_s or 0.0) if self.config.online_refit else 0.0),
+            draft_fixed=self.draft_cost.fixed + self.spec_overhead() + self._priced(self.waves_step_s),
             draft_per_req=self.draft_cost.per_item, force=torch.from_numpy(np.asarray(force)))
         return d.drafts.numpy()
 
