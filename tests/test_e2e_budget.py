@@ -87,6 +87,9 @@ def test_latency_model_drives_tree_sizes(tiny_pair, reference_llm, env):
         cpu_out, cpu = run(llm, prompts, refs)
     assert cpu["budget"]["source"].startswith("cached fit"), cpu["budget"]
     assert cpu_out == ref
+    # the chain-exact CPU path's branch waves are counted and timed, so the
+    # plan can price them (EngineBudget.wave_cost)
+    assert cpu["time_per_step"]["branch_waves"] > 0 and cpu["budget"]["wave_s"] > 0, cpu["budget"]
 
     # 3. fake devices: verification free -> full trees; very expensive -> none
     with engine(target, drafter, device_profile=env["fast"], calibrate=False, online_refit=False) as llm:
