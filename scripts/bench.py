@@ -2,7 +2,8 @@
 
     python scripts/bench.py --pair scaled-0.6b [--batch-sizes 1 4 16 64]
         [--server-batch-sizes 1 16] [--methods ...] [--prompts heldout]
-        [--num-prompts 16] [--requests-per-slot 2] [--max-tokens 128] [--runtime recommended] [--out results/bench]
+        [--num-prompts 16] [--requests-per-slot 3] [--max-tokens 128] [--length-spread 0.5]
+        [--runtime recommended] [--out results/bench]
 
 Pairs: `shipped` (the trained 6.8M-parameter pair in the package) or
 `scaled-<shape>` (the same pair widened function-preservingly to a real
@@ -23,12 +24,16 @@ generates the same tokens (checked: the run fails if any differs from AR).
 "Batch size b" is b requests in flight: offline, a new request joins the
 engine as soon as one finishes (tools.benchmark.generate_concurrent, like
 vLLM's max_num_seqs); through the server, b concurrent clients. Each run
-has at least `--requests-per-slot` x b requests. Offline, tokens/s is given
-twice: over the whole run (a batch job's makespan) and over the full-batch
-window (until the last request joined: every slot busy and requests
-waiting, a loaded server's steady state). With few requests per slot the
-makespan hides speedups that reach only some requests (a slot that is done
-early idles while the others finish); the window does not.
+has at least `--requests-per-slot` x b requests, whose lengths (max_tokens)
+spread evenly over `--max-tokens` x (1 +- `--length-spread`), the same for
+every method: a server's requests differ in length, and with equal lengths
+plain decoding's requests would all finish and join at the same steps while
+a speculating engine's finish one by one. Offline, tokens/s is given twice:
+over the whole run (a batch job's makespan: the joint start-up and the
+draining tail included) and over the steady-state window (from the first
+request's end until the last request joined: every slot busy, requests
+finishing and joining, each method paying the prefills of its joiners; a
+loaded server's steady state).
 For every (mode, batch size, method): tokens/s, mean accepted length, nodes
 per drafted request-step, BASTION's share of request-steps that drafted, its
 predicted vs measured verify time; per batch size the ratios BASTION / AR,
@@ -62,6 +67,7 @@ from vllm_bastion.tools.benchmark import (  # noqa: E402
     label,
     load_prompts,
     merge_rounds,
+    request_lengths,
     recommended_preload,
     resolve_pair,
     run_method_batches,
@@ -96,7 +102,7 @@ def _sum(m: dict, name: str) -> float:
 
 
 def run_server(method, target, drafter, prompts, *, batch_size, max_tokens, depth, enforce_eager,
-               warmup_prompts, log_dir):
+               warmup_prompts, log_dir, length_spread=0.0):
     from openai import AsyncOpenAI
 
     args = ["--max-model-len", "2048", "--seed", "0", "--max-num-seqs", str(max(batch_size, 4))]
@@ -107,21 +113,21 @@ def run_server(method, target, drafter, prompts, *, batch_size, max_tokens, dept
         args += ["--speculative-config", json.dumps(spec)]
     log_path = os.path.join(log_dir, f"server_{method}_b{batch_size}.log")
     with openai_server(target, args, log_path) as url:
-        async def complete(client, p):
+        async def complete(client, p, n):
             r = await client.completions.create(
-                model=target, prompt=p, max_tokens=max_tokens, temperature=0.0,
+                model=target, prompt=p, max_tokens=n, temperature=0.0,
                 extra_body={"ignore_eos": True, "return_token_ids": True})
             ch = r.choices[0]
             ids = getattr(ch, "token_ids", None) or (ch.model_extra or {}).get("token_ids")
             return list(ids or [])
 
-        async def drive(client, ps):
+        async def drive(client, ps, lengths=None):
             sem = asyncio.Semaphore(batch_size)
             out = [None] * len(ps)
 
             async def worker(i):
                 async with sem:
-                    out[i] = await complete(client, ps[i])
+                    out[i] = await complete(client, ps[i], lengths[i] if lengths else max_tokens)
 
             await asyncio.gather(*(worker(i) for i in range(len(ps))))
             return out
@@ -132,7 +138,8 @@ def run_server(method, target, drafter, prompts, *, batch_size, max_tokens, dept
                 await drive(client, list(warmup_prompts))
                 before = _metrics(url)
                 t0 = time.perf_counter()
-                outs = await drive(client, prompts)
+                outs = await drive(client, prompts,
+                                   request_lengths(len(prompts), max_tokens, length_spread))
                 wall = time.perf_counter() - t0
                 return before, outs, wall, _metrics(url)
 
@@ -194,7 +201,7 @@ def summarize(results: list[dict]) -> list[dict]:
                         best["tokens_per_s"], by["ar"]["tokens_per_s"] if "ar" in by else 0)
             if "bastion-off" in by and "ar" in by:
                 row["off_vs_ar"] = by["bastion-off"]["tokens_per_s"] / by["ar"]["tokens_per_s"]
-            # the full-batch window (requests waiting, every slot busy): a loaded server
+            # the steady-state window (every slot busy, requests finishing and joining): a loaded server
             win = {m: r.get("window_tokens_per_s") for m, r in by.items()}
             wchains = {m: v for m, v in win.items() if m.startswith("dflash-") and v}
             if win.get("bastion") and win.get("ar"):
@@ -223,7 +230,7 @@ def _f(x, fmt="{:.1f}"):
 
 
 def markdown_tables(results: list[dict], summary: list[dict]) -> str:
-    lines = ["| mode | batch | method | tok/s | full-batch window tok/s | accepted len | "
+    lines = ["| mode | batch | method | tok/s | steady-state window tok/s | accepted len | "
              "nodes/drafted step | drafting | ms/step | vs AR |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     ar = {(r["mode"], r["batch_size"]): r["tokens_per_s"] for r in results if r["method"] == "ar"}
@@ -251,8 +258,8 @@ def markdown_tables(results: list[dict], summary: list[dict]) -> str:
             f"{_f(s.get('off_vs_ar'), '{:.2f}x')} | {_f(s.get('top1_vs_default_chain'), '{:.2f}x')} |")
     wins = [s for s in summary if s.get("window_vs_ar")]
     if wins:
-        lines += ["", "Full-batch window (until the last request joined: every slot busy, requests "
-                  "waiting; a loaded server's steady state):", "",
+        lines += ["", "Steady-state window (from the first request's end until the last request "
+                  "joined: every slot busy, requests finishing and joining; a loaded server):", "",
                   "| mode | batch | AR | best chain | BASTION | BASTION / AR | / best chain | off / AR |",
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {s['mode']} | {s['batch_size']} | {_f(s.get('window_ar_tok_s'))} | "
@@ -364,8 +371,11 @@ def main(argv=None) -> int:
     ap.add_argument("--server-batch-sizes", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--num-prompts", type=int, default=16,
                     help="timed requests per run (at least the batch size)")
-    ap.add_argument("--requests-per-slot", type=int, default=2,
+    ap.add_argument("--requests-per-slot", type=int, default=3,
                     help="timed requests per run are at least this many times the batch size")
+    ap.add_argument("--length-spread", type=float, default=0.5,
+                    help="request i generates max_tokens x (1 +- spread) tokens, spread evenly "
+                         "(the same for every method); 0: all max_tokens")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--modes", nargs="+", default=["offline", "server"], choices=["offline", "server"])
     ap.add_argument("--methods", nargs="+", default=ALL_METHODS)
@@ -395,7 +405,8 @@ def main(argv=None) -> int:
         "max_tokens": args.max_tokens, "enforce_eager": args.enforce_eager,
         "runtime": runtime_description(), "runtime_short": args.runtime,
         "ld_preload": os.environ.get("LD_PRELOAD", ""), "rounds": args.rounds,
-        "requests_per_slot": args.requests_per_slot, "command": " ".join([sys.executable] + sys.argv),
+        "requests_per_slot": args.requests_per_slot, "length_spread": args.length_spread,
+        "command": " ".join([sys.executable] + sys.argv),
         "adaptive_chain": "unavailable: vLLM 0.32's enable_adaptive_verification needs the V2 "
                           "model runner and FULL CUDA graphs (GPU only)",
     }
@@ -414,7 +425,7 @@ def main(argv=None) -> int:
     for mode in args.modes:
         methods = args.methods if mode == "offline" else args.server_methods
         kw = dict(max_tokens=args.max_tokens, depth=depth, enforce_eager=args.enforce_eager,
-                  warmup_prompts=warm)
+                  warmup_prompts=warm, length_spread=args.length_spread)
         for rnd in range(args.rounds):
             for method in (methods if rnd % 2 == 0 else methods[::-1]):
                 if mode == "offline":  # one engine per method, every batch size

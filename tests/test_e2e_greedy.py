@@ -13,7 +13,7 @@ from prompts import mixed_prompts
 
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
-from vllm_bastion.tools.benchmark import generate_concurrent
+from vllm_bastion.tools.benchmark import generate_concurrent, request_lengths
 from vllm_bastion.tools.oracle import generate_with_oracle
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
@@ -83,13 +83,19 @@ def test_benchmark_keeps_a_fixed_number_of_requests_in_flight(bastion_llm, refer
     finish, outputs in prompt order and equal to the reference."""
     prompts = mixed_prompts(7, seed=11)
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    run = generate_concurrent(bastion_llm, prompts, params, 3)
+    lengths = request_lengths(7, 30, 0.5)
+    assert sorted(set(lengths)) == sorted(lengths) and min(lengths) >= 15 and max(lengths) <= 45
+    run = generate_concurrent(bastion_llm, prompts, params, 3, lengths=[min(n, 40) for n in lengths])
     assert run.most_in_flight == 3
-    assert run.token_ids == references(prompts, params)
-    # the full-batch window: until the 7th request joined, after 4 had finished
-    assert 4 * 40 <= run.window_tokens < 7 * 40 and 0 < run.window_seconds < run.seconds
+    ref = references(prompts, params)
+    assert run.token_ids == [r[:min(n, 40)] for r, n in zip(ref, lengths)]
+    # the steady-state window: from the first request's end until the 7th joined
+    assert 0 < run.window_tokens < sum(map(len, run.token_ids)) - min(lengths)
+    assert 0 < run.window_seconds < run.seconds
     with pytest.raises(ValueError, match="concurrency"):
         generate_concurrent(bastion_llm, prompts, params, 0)
+    with pytest.raises(ValueError, match="lengths"):
+        generate_concurrent(bastion_llm, prompts, params, 3, lengths=[5])
 
 
 def test_prefix_cache_hits_keep_outputs(bastion_llm, references):

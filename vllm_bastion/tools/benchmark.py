@@ -154,10 +154,24 @@ def spec_counters(llm) -> dict[str, float | list]:
     return out
 
 
+def request_lengths(n: int, mean: int, spread: float) -> list[int]:
+    """Per-request max_tokens around `mean`: spread evenly over
+    mean * [1 - spread, 1 + spread] in a fixed order (a low-discrepancy
+    sequence), so every method generates the same lengths. A server's
+    requests differ in length; with equal lengths, plain decoding's requests
+    all finish (and the next ones all join) at the same step, while a
+    speculating engine's finish one by one, and neither the makespan nor a
+    window compares the two in the same regime."""
+    if not 0.0 <= spread < 1.0:
+        raise ValueError(f"length spread must be in [0, 1), got {spread}")
+    golden = (5 ** 0.5 - 1) / 2
+    return [max(1, round(mean * (1 - spread + 2 * spread * ((i * golden) % 1.0)))) for i in range(n)]
+
+
 def run_method(method: str, target: str, drafter: str, prompts: list[str], *, batch_size: int,
                max_tokens: int, depth: int, enforce_eager: bool, bastion: dict | None = None,
                warmup_prompts: list[str] = (), max_model_len: int = 2048) -> dict:
-    """Generate `prompts` with one method, in batches of `batch_size` requests
+    """Generate `prompts` with one method, `batch_size` requests in flight
     (after an untimed warm-up on `warmup_prompts`)."""
     return run_method_batches(method, target, drafter, {batch_size: prompts}, max_tokens=max_tokens,
                               depth=depth, enforce_eager=enforce_eager, bastion=bastion,
@@ -166,12 +180,14 @@ def run_method(method: str, target: str, drafter: str, prompts: list[str], *, ba
 
 def run_method_batches(method: str, target: str, drafter: str, prompts: dict[int, list[str]], *,
                        max_tokens: int, depth: int, enforce_eager: bool, bastion: dict | None = None,
-                       warmup_prompts: list[str] = (), max_model_len: int = 2048) -> list[dict]:
+                       warmup_prompts: list[str] = (), max_model_len: int = 2048,
+                       length_spread: float = 0.0) -> list[dict]:
     """One engine for `method`; for every batch size b in `prompts` (in
     order), generate prompts[b] with b requests in flight (generate_concurrent),
     timed separately (after one untimed warm-up on `warmup_prompts`, which
-    also compiles). A BASTION engine keeps what it learned from one batch
-    size to the next, as a server does when its load changes."""
+    also compiles). Request i generates request_lengths(.., max_tokens,
+    length_spread)[i] tokens. A BASTION engine keeps what it learned from one
+    batch size to the next, as a server does when its load changes."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=target, max_model_len=max_model_len, seed=0, enforce_eager=enforce_eager,
@@ -187,7 +203,8 @@ def run_method_batches(method: str, target: str, drafter: str, prompts: dict[int
             if is_bastion:
                 llm.collective_rpc("bastion_reset_stats")
             before = spec_counters(llm)
-            run = generate_concurrent(llm, ps, sp, batch_size)
+            run = generate_concurrent(llm, ps, sp, batch_size,
+                                      lengths=request_lengths(len(ps), max_tokens, length_spread))
             after = spec_counters(llm)
             tree = llm.collective_rpc("bastion_stats")[0] if is_bastion else {}
             results.append(_run_result(method, batch_size, ps, run.token_ids, run.seconds, before,
@@ -206,27 +223,31 @@ class ConcurrentRun:
     token_ids: list[list[int]]  # per prompt, in prompt order
     most_in_flight: int
     seconds: float  # wall time of the whole run
-    # the full-batch window: from the start until the last request joined
-    # (while requests were waiting, every slot was busy), the steady state
-    # of a server under load; None when no request ever waited
+    # the steady-state window: from the first request's end until the last
+    # request joined (every slot busy, requests finishing and joining), a
+    # loaded server's steady state; None when no request ended before the
+    # last one joined
     window_tokens: int | None
     window_seconds: float | None
 
 
-def generate_concurrent(llm, prompts: list[str], params, concurrency: int) -> ConcurrentRun:
+def generate_concurrent(llm, prompts: list[str], params, concurrency: int,
+                        lengths: list[int] | None = None) -> ConcurrentRun:
     """Generate `prompts` with at most `concurrency` requests in flight: a
     new request joins as soon as one finishes, as with vLLM's max_num_seqs
-    or a server under `concurrency` clients (continuous batching). Speculating
-    requests finish at different steps; in fixed groups of requests the last
-    ones of every group would decode at a shrinking batch (a tail that plain
-    decoding, whose requests of equal length finish together, never has).
+    or a server under `concurrency` clients (continuous batching). Request i
+    generates at most lengths[i] tokens (default: params.max_tokens).
 
-    Besides the whole run (a batch job: its makespan), the tokens and time of
-    the full-batch window are returned. With few requests per slot a batch
-    job's makespan hides speedups of some requests (a slot that finishes its
-    requests early idles while others finish theirs); the window does not."""
+    Besides the whole run (a batch job: its makespan, start-up and draining
+    tail included), the tokens and time of the steady-state window are
+    returned: from the first request's end (the batch's joint start-up is
+    over) until the last request joined (after that the batch drains). In it
+    every method pays the prefills of the requests that joined and decodes
+    at a full batch, as a loaded server does."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if lengths is not None and len(lengths) != len(prompts):
+        raise ValueError(f"{len(lengths)} lengths for {len(prompts)} prompts")
     from vllm.sampling_params import RequestOutputKind
 
     engine = llm.llm_engine
@@ -236,13 +257,17 @@ def generate_concurrent(llm, prompts: list[str], params, concurrency: int) -> Co
     params.output_kind = RequestOutputKind.DELTA  # tokens as they come, counted per step
     ids: list[list[int]] = [[] for _ in prompts]
     finished = nxt = in_flight = most = tokens = 0
-    window = None
+    start = end = None  # (tokens, seconds) at the first end and at the last join
     t0 = time.perf_counter()
     while finished < len(prompts):
         while in_flight < concurrency and nxt < len(prompts):
-            if nxt == len(prompts) - 1 and nxt >= concurrency:  # the last one joins now
-                window = (tokens, time.perf_counter() - t0)
-            engine.add_request(f"bench-{nxt}", prompts[nxt], params)
+            if nxt == len(prompts) - 1 and start is not None:  # the last one joins now
+                end = (tokens, time.perf_counter() - t0)
+            p = params
+            if lengths is not None:
+                p = params.clone()
+                p.max_tokens = int(lengths[nxt])
+            engine.add_request(f"bench-{nxt}", prompts[nxt], p)
             nxt += 1
             in_flight += 1
         most = max(most, engine.get_num_unfinished_requests())
@@ -253,14 +278,17 @@ def generate_concurrent(llm, prompts: list[str], params, concurrency: int) -> Co
             if out.finished:
                 finished += 1
                 in_flight -= 1
+                if start is None:
+                    start = (tokens, time.perf_counter() - t0)
+    win = end is not None and end[1] > start[1]
     return ConcurrentRun(ids, most, time.perf_counter() - t0,
-                         window[0] if window else None, window[1] if window else None)
+                         end[0] - start[0] if win else None, end[1] - start[1] if win else None)
 
 
 def _run_result(method, batch_size, prompts, outs, wall, before, after, tree,
                 window=(None, None)) -> dict:
-    """One run's row; `outs`: token ids per prompt; `window`: the full-batch
-    window's (tokens, seconds) (ConcurrentRun)."""
+    """One run's row; `outs`: token ids per prompt; `window`: the
+    steady-state window's (tokens, seconds) (ConcurrentRun)."""
     tokens = sum(len(o) for o in outs)
 
     def delta(name):
