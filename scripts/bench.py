@@ -15,7 +15,8 @@ lengths; the best of them per batch size is "the best-tuned chain");
 overhead floor); `bastion-always` (every request drafts every step: the
 budget sizes trees, nothing switches drafting off); `bastion-top1` (top-1 trees of the default chain length:
 the same drafts as `dflash`); `bastion-fixed-N` (top-8 trees of exactly N
-nodes: their cost per step against `dflash-N`'s). vLLM 0.32's own adaptive chain length
+nodes: their cost per step against `dflash-N`'s); `bastion-depth-N` (defaults with a
+drafter block of N + 1 positions instead of the checkpoint's block size). vLLM 0.32's own adaptive chain length
 (`enable_adaptive_verification`) needs the V2 model runner and FULL CUDA
 graphs, so it cannot run on CPU; it is listed as unavailable.
 
@@ -364,6 +365,14 @@ def _maybe_reexec_with_runtime(runtime: str) -> None:
     sys.exit(subprocess.call([sys.executable] + sys.argv, env=env))
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pair", default="scaled-0.6b", help="shipped | scaled-<shape> (default scaled-0.6b)")
@@ -400,7 +409,7 @@ def main(argv=None) -> int:
     warm, pool = pool[:2], pool[2:]
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()} ({_cpu_model()})",
         "cpu_count": os.cpu_count(), "pair": f"{args.pair} ({target})", "prompts": args.prompts,
         "max_tokens": args.max_tokens, "enforce_eager": args.enforce_eager,
         "runtime": runtime_description(), "runtime_short": args.runtime,

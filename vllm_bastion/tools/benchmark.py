@@ -38,6 +38,8 @@ def label(method: str) -> str:
         return f"vLLM DFlash chain {method.split('-', 1)[1]}"
     if method.startswith("bastion-fixed-"):
         return f"BASTION fixed {method.rsplit('-', 1)[1]} nodes"
+    if method.startswith("bastion-depth-"):
+        return f"BASTION, draft depth {method.rsplit('-', 1)[1]}"
     return LABELS[method]
 
 
@@ -141,6 +143,8 @@ def speculative_config(method: str, drafter: str, depth: int, extra: dict | None
         spec.update(topk=1, budget="fixed", max_nodes=depth)
     elif method.startswith("bastion-fixed-"):  # trees of exactly N nodes
         spec.update(budget="fixed", max_nodes=int(method.rsplit("-", 1)[1]))
+    elif method.startswith("bastion-depth-"):  # defaults, a drafter block of N + 1 positions
+        spec.update(draft_depth=int(method.rsplit("-", 1)[1]))
     elif method != "bastion":
         raise ValueError(f"unknown method {method!r}")
     return {**spec, **(extra or {})}
