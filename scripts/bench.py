@@ -16,7 +16,9 @@ overhead floor); `bastion-always` (every request drafts every step: the
 budget sizes trees, nothing switches drafting off); `bastion-top1` (top-1 trees of the default chain length:
 the same drafts as `dflash`); `bastion-fixed-N` (top-8 trees of exactly N
 nodes: their cost per step against `dflash-N`'s); `bastion-depth-N` (defaults with a
-drafter block of N + 1 positions instead of the checkpoint's block size). vLLM 0.32's own adaptive chain length
+drafter block of at most N + 1 positions instead of the checkpoint's block size);
+`bastion-fulldepth` (defaults, but the drafter's whole block every step instead of a
+block that follows the budget's trees). vLLM 0.32's own adaptive chain length
 (`enable_adaptive_verification`) needs the V2 model runner and FULL CUDA
 graphs, so it cannot run on CPU; it is listed as unavailable.
 

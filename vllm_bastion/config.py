@@ -85,6 +85,12 @@ class BastionConfig(BaseModel):
         description="Draft depths the drafter predicts per step; default: the "
         "drafter's block_size - 1 (15 for b16 checkpoints).",
     )
+    adaptive_depth: bool = Field(
+        default=True,
+        description="Under the 'auto' budget, draft each step only as deep as the "
+        "budget's trees use (each request's last planned depth + 2, up to draft_depth; "
+        "full depth for new requests and re-probes); False: always draft_depth.",
+    )
     budget: Literal["auto", "fixed"] = Field(
         default="auto",
         description="'auto': one best-first budget per batch from the calibrated "

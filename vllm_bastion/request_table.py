@@ -29,6 +29,7 @@ COLUMNS = {
     "idle": (np.int64, 0),  # decode steps since it last drafted
     "probe_batch": (np.int64, 0),  # batch size when it last drafted
     "drafted": (np.bool_, False),  # drafted in the last step
+    "depth": (np.int64, 64),  # drafter depth it may use next (core/draft_depth.py)
 }
 
 

@@ -41,6 +41,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm_bastion.config import bastion_config_of
 from vllm_bastion.core.acceptance import NUM_CLASSES, AcceptanceCalibrator
 from vllm_bastion.core.compaction import permute_rows_
+from vllm_bastion.core.draft_depth import next_allowed_depth, planned_depths, step_block_depth
 from vllm_bastion.core.gating import DraftingEstimates, probes_due
 from vllm_bastion.core.paths import keep_columns, row_layout
 from vllm_bastion.core.step import (
@@ -108,6 +109,7 @@ class BastionRunnerMixin:
         )
         self.bastion_stats.acceptance = self.bastion_acceptance
         self.bastion_table = RequestTable(self.max_num_reqs, on_new_slot=self._bastion_new_slot)
+        self.bastion_table.defaults(depth=cfg.draft_depth)
         self.bastion_estimates = DraftingEstimates(tau=cfg.reprobe_interval / 4)
         self._bastion_backlog: Backlog | None = None  # built at the first draft (feature size)
         self._bastion_sched = np.zeros(0, dtype=np.int64)  # scheduled tokens per request
@@ -562,8 +564,15 @@ class BastionRunnerMixin:
         self._bastion_draft_rows = idx  # batch rows of the drafter's output rows
         sub = sub_batch_metadata(common_attn_metadata, idx, counts, ctx_end[idx], self.device)
         sel = torch.from_numpy(idx).to(self.device)
+        budget = self._bastion_budget
+        auto = budget is not None and budget.ready
+        # under the auto budget the drafter's block follows the planned trees (core/draft_depth.py)
+        adaptive = auto and cfg.adaptive_depth
+        depth = step_block_depth(table["depth"][idx], cfg.draft_depth) if adaptive else cfg.draft_depth
+        self.drafter.draft_depth = depth
+        self.bastion_stats.observe_block(depth)
         self.drafter.propose(
-            num_speculative_tokens=cfg.draft_depth, target_token_ids=p, target_positions=p,
+            num_speculative_tokens=depth, target_token_ids=p, target_positions=p,
             target_hidden_states=f, next_token_ids=next_ids[sel], token_indices_to_sample=None,
             common_attn_metadata=sub, sampling_metadata=sampling_metadata, mm_embed_inputs=None,
             num_rejected_tokens_gpu=None, slot_mappings=slot_mappings)
@@ -576,12 +585,12 @@ class BastionRunnerMixin:
             class_values=cal.class_values(logp) if cal is not None else None)
         t3 = now()
         timer.add("tree_build", t3 - t2)
-        budget = self._bastion_budget
-        if budget is not None and budget.ready:
+        if auto:
             room = self.max_num_tokens - B - len(idx) * cfg.draft_depth
             n = budget.plan(trees.scores, ctx_end[idx] - 1, np.ones(len(idx), bool), room,
                             parents=trees.parents)
             trees = trees.truncate(_same_on_all_tp_ranks(n))
+            table["depth"][idx] = next_allowed_depth(planned_depths(trees.depths), cfg.draft_depth)
             timer.add("budget", now() - t3)
         trees, _ = spine_first(trees)
         full = _scatter_trees(trees, idx, B)
@@ -611,7 +620,9 @@ class BastionRunnerMixin:
         t = self.bastion_table
         force = probes_due(eligible, t["idle"], t["probe_batch"], cfg.reprobe_interval)
         decision = budget.plan_drafting(t["gain"], t["nodes"], contexts, eligible, force)
-        return _same_on_all_tp_ranks(torch.from_numpy(decision).long()).numpy().astype(bool)
+        decision = _same_on_all_tp_ranks(torch.from_numpy(decision).long()).numpy().astype(bool)
+        t["depth"][force & decision] = cfg.draft_depth  # a re-probe drafts at full depth
+        return decision
 
     def _bastion_get_backlog(self, aux_hidden_states) -> Backlog:
         if self._bastion_backlog is None:

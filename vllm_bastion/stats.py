@@ -31,6 +31,8 @@ class BastionStats:
     draft_eligible: int = 0  # request-steps that could draft
     drafting: int = 0  # request-steps that drafted
     steps_without_drafter: int = 0  # steps where nobody drafted (drafter not run)
+    drafter_runs: int = 0  # steps where the drafter ran
+    block_depth_sum: int = 0  # drafter depths (query block - 1) of those steps, summed
 
     def observe(self, nodes, accepted, chain, depths) -> None:
         """One verify step: per tree (requests with nodes only) its node count,
@@ -65,6 +67,7 @@ class BastionStats:
             mean_tokens_per_step=1 + self.accepted / t,
             mean_max_depth=self.max_depth_sum / t,
             drafting_fraction=self.drafting / max(self.draft_eligible, 1),
+            mean_block_depth=self.block_depth_sum / max(self.drafter_runs, 1),
         )
         return out
 
@@ -124,6 +127,12 @@ class StatsLogger:
             st.steps_without_drafter += int(drafting == 0)
         if self.writer is not None:
             self.writer.maybe_write(self.snapshot)
+
+    def observe_block(self, depth: int) -> None:
+        """The drafter ran this step with a query block of depth + 1 positions."""
+        for st in (self.total, self.window):
+            st.drafter_runs += 1
+            st.block_depth_sum += depth
 
     def observe_step(self, nodes, accepted, chain, depths) -> None:
         """A verify step's per-request tensors [B]; requests without a tree

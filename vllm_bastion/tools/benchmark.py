@@ -26,6 +26,7 @@ LABELS = {
     "bastion-off": "BASTION, speculation off",
     "bastion-always": "BASTION, always drafting",
     "bastion-top1": "BASTION top-1, fixed",
+    "bastion-fulldepth": "BASTION, full draft depth every step",
 }
 CHAIN_LENGTHS = (1, 2, 4, 8)
 
@@ -143,7 +144,9 @@ def speculative_config(method: str, drafter: str, depth: int, extra: dict | None
         spec.update(topk=1, budget="fixed", max_nodes=depth)
     elif method.startswith("bastion-fixed-"):  # trees of exactly N nodes
         spec.update(budget="fixed", max_nodes=int(method.rsplit("-", 1)[1]))
-    elif method.startswith("bastion-depth-"):  # defaults, a drafter block of N + 1 positions
+    elif method == "bastion-fulldepth":  # the drafter's whole block every step
+        spec["adaptive_depth"] = False
+    elif method.startswith("bastion-depth-"):  # defaults, a drafter block of at most N + 1 positions
         spec.update(draft_depth=int(method.rsplit("-", 1)[1]))
     elif method != "bastion":
         raise ValueError(f"unknown method {method!r}")
