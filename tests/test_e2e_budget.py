@@ -19,6 +19,7 @@ from conftest import bastion_spec, make_llm, token_ids
 from prompts import mixed_prompts
 
 from vllm import SamplingParams
+from vllm_bastion.config import BastionConfig, read_drafter_config
 from vllm_bastion.tools.oracle import install_second_choice_oracle
 
 MAX_NODES = 24
@@ -92,7 +93,9 @@ def test_latency_model_drives_tree_sizes(tiny_pair, reference_llm, env):
     assert cpu["time_per_step"]["branch_waves"] > 0 and cpu["budget"]["wave_s"] > 0, cpu["budget"]
 
     # 3. fake devices: verification free -> full trees; very expensive -> none
-    with engine(target, drafter, device_profile=env["fast"], calibrate=False, online_refit=False) as llm:
+    # (the fast engine drafts the drafter's whole block every step: adaptive_depth off)
+    with engine(target, drafter, device_profile=env["fast"], calibrate=False, online_refit=False,
+                adaptive_depth=False) as llm:
         fast_out, fast = run(llm, prompts, refs)
     with engine(target, drafter, device_profile=env["slow"], calibrate=False, online_refit=False) as llm:
         slow_out, slow = run(llm, prompts, refs)
@@ -102,5 +105,10 @@ def test_latency_model_drives_tree_sizes(tiny_pair, reference_llm, env):
     assert slow["trees"] == 0 and slow["budget"]["mean_planned_nodes"] == 0, slow
     assert 0 < cpu["budget"]["mean_planned_nodes"] < fast["budget"]["mean_planned_nodes"]
     assert cpu["mean_nodes"] < fast["mean_nodes"]
+    # the drafter's depth follows the planned trees (core/draft_depth.py):
+    # small trees on this CPU, a shorter query block; the full block without it
+    depth = BastionConfig(model=drafter, max_nodes=MAX_NODES).resolved_depth(read_drafter_config(drafter))
+    assert fast["mean_block_depth"] == depth, fast
+    assert 1 <= cpu["mean_block_depth"] < depth, cpu
     assert cpu["budget"]["device"].startswith("Generic CPU") or "CPU" in cpu["budget"]["device"]
     assert fast["budget"]["device"] == "Fake infinitely fast accelerator"

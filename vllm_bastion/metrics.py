@@ -15,7 +15,7 @@ Exported (label model_name; counters get vLLM's `_total` suffix):
   vllm:bastion_mean_tree_size, vllm:bastion_mean_accepted_length,
   vllm:bastion_planned_nodes_per_step, vllm:bastion_latency_model{coefficient},
   vllm:bastion_latency_refit_rel_error, vllm:bastion_latency_calibration_mape,
-  vllm:bastion_drafting_fraction                               (gauges)
+  vllm:bastion_drafting_fraction, vllm:bastion_mean_drafter_depth (gauges)
 (With several API server processes vLLM switches /metrics to prometheus'
 multiprocess mode, which these metrics do not join; the log line and
 `collective_rpc("bastion_stats")` still carry them.)
@@ -97,6 +97,7 @@ class _Collector:
             "drafting": CounterMetricFamily("vllm:bastion_drafting_requests", "Request-steps that drafted (speculation on)", labels=["model_name"]),
             "idle": CounterMetricFamily("vllm:bastion_steps_without_drafter", "Steps where no request drafted (drafter not run)", labels=["model_name"]),
             "frac": GaugeMetricFamily("vllm:bastion_drafting_fraction", "Fraction of decoding request-steps with speculation on", labels=["model_name"]),
+            "depth": GaugeMetricFamily("vllm:bastion_mean_drafter_depth", "Mean drafter depth (query block - 1) of the steps where the drafter ran", labels=["model_name"]),
         }
         for path, model in files.items():
             s = read_snapshot(path)
@@ -115,6 +116,7 @@ class _Collector:
             fams["drafting"].add_metric([model], s.get("drafting", 0))
             fams["idle"].add_metric([model], s.get("steps_without_drafter", 0))
             fams["frac"].add_metric([model], s.get("drafting_fraction", 0.0))
+            fams["depth"].add_metric([model], s.get("mean_block_depth", 0.0))
             b = s.get("budget")
             if b:
                 fams["planned"].add_metric([model], b.get("mean_planned_nodes", 0.0))
