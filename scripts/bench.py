@@ -14,7 +14,8 @@ lengths; the best of them per batch size is "the best-tuned chain");
 `bastion` (defaults); `bastion-off` (speculation forced off: BASTION's
 overhead floor); `bastion-always` (every request drafts every step: the
 budget sizes trees, nothing switches drafting off); `bastion-top1` (top-1 trees of the default chain length:
-the same drafts as `dflash`); `bastion-fixed-N` (top-8 trees of exactly N
+the same drafts as `dflash`); `bastion-top1-N` (top-1 chains of exactly N drafts every step: the
+same drafts as `dflash-N`, so the two differ only by BASTION's per-step machinery); `bastion-fixed-N` (top-8 trees of exactly N
 nodes: their cost per step against `dflash-N`'s); `bastion-depth-N` (defaults with a
 drafter block of at most N + 1 positions instead of the checkpoint's block size);
 `bastion-fulldepth` (defaults, but the drafter's whole block every step instead of a
@@ -220,11 +221,13 @@ def summarize(results: list[dict]) -> list[dict]:
             if "bastion-top1" in by and "dflash" in by:
                 row["top1_vs_default_chain"] = (by["bastion-top1"]["tokens_per_s"]
                                                / by["dflash"]["tokens_per_s"])
-            for m, r in by.items():  # a tree of N nodes vs a chain of N drafts, per step
-                if m.startswith("bastion-fixed-") and f"dflash-{m.rsplit('-', 1)[1]}" in by:
-                    c = by[f"dflash-{m.rsplit('-', 1)[1]}"]
+            for m, r in by.items():  # a tree (or top-1 chain) of N nodes vs a chain of N drafts
+                n = m.rsplit("-", 1)[-1]
+                if m.startswith(("bastion-fixed-", "bastion-top1-")) and f"dflash-{n}" in by:
+                    c = by[f"dflash-{n}"]
                     if r.get("ms_per_step") and c.get("ms_per_step"):
                         row[f"step_cost_{m}_vs_chain"] = r["ms_per_step"] / c["ms_per_step"]
+                        row[f"tok_s_{m}_vs_chain"] = r["tokens_per_s"] / c["tokens_per_s"]
             rows.append(row)
     return rows
 
@@ -274,9 +277,13 @@ def markdown_tables(results: list[dict], summary: list[dict]) -> str:
     costs = [(s["mode"], s["batch_size"], k, v) for s in summary for k, v in s.items()
              if k.startswith("step_cost_")]
     if costs:
-        lines += ["", "| mode | batch | tree vs chain of as many drafts | step time ratio |",
-                  "|---|---|---|---|"]
-        lines += [f"| {m} | {b} | {k[len('step_cost_'):-len('_vs_chain')]} | {v:.3f} |"
+        toks = {(s["mode"], s["batch_size"], k): v for s in summary for k, v in s.items()
+                if k.startswith("tok_s_")}
+        lines += ["", "| mode | batch | BASTION vs a chain of as many drafts | step time ratio | "
+                  "tok/s ratio |", "|---|---|---|---|---|"]
+        lines += [f"| {m} | {b} | {k[len('step_cost_'):-len('_vs_chain')]} vs dflash-"
+                  f"{k[:-len('_vs_chain')].rsplit('-', 1)[1]} | {v:.3f} | "
+                  f"{_f(toks.get((m, b, 'tok_s_' + k[len('step_cost_'):])), '{:.3f}')} |"
                   for m, b, k, v in costs]
     lines += phase_table(results)
     return "\n".join(lines)

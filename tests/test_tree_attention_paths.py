@@ -95,3 +95,26 @@ def test_batched_torch_path_equals_kernel_reference(spine_first_layout):
         assert written.sum() < 9 + 4 + 7
     assert torch.equal(~torch.isnan(got[:, 0, 0]), written)
     torch.testing.assert_close(got[written], want[written], rtol=1e-5, atol=1e-5)
+
+
+
+def test_row_span_finds_consecutive_rows_only():
+    """The backend works on views of the rows when they are consecutive: one
+    request's root and spine (spine first), whatever its branch rows."""
+    from vllm_bastion.core.step import plan_step
+    from vllm_bastion.tree_attention import row_span
+
+    assert row_span(torch.arange(3, 9)) == (3, 9)
+    assert row_span(torch.tensor([5])) == (5, 6)
+    assert row_span(torch.zeros(0, dtype=torch.long)) is None
+    assert row_span(torch.tensor([0, 1, 3, 4])) is None  # a gap
+    assert row_span(torch.tensor([0, 2, 1, 3])) is None  # same ends and length, out of order
+    torch.manual_seed(0)
+    logp, toks = topk_per_depth(torch.randn(2, 6, 50), 3)
+    trees, _ = spine_first(build_best_first_trees(logp, toks, max_nodes=8))
+    n = trees.num_nodes
+    one = plan_step(trees.truncate(torch.tensor([int(n[0]), 0])), torch.tensor([0, 1 + int(n[0])]),
+                    torch.tensor([1 + int(n[0]), 0]), torch.tensor([7, 11]))  # request 1: nothing
+    assert one.num_branch_rows > 0 and row_span(one.backend_rows) == (0, int(one.backend_rows.numel()))
+    two = plan_step(trees, torch.tensor([0, 9]), 1 + n, torch.tensor([7, 11]))
+    assert two.num_branch_rows > 0 and row_span(two.backend_rows) is None

@@ -61,6 +61,10 @@ class TreeAttentionStep:
     waves: list | None = None
     restore_rows: torch.Tensor | None = None  # [S] rows whose K/V go back after the waves
     restore_slots: torch.Tensor | None = None  # [S] their slots
+    # backend_rows as a range [start, stop) when they are consecutive (one
+    # request, or no branch rows): the backend then works on views, with no
+    # gather of the queries and no scatter of its output per layer
+    backend_span: tuple[int, int] | None = None
 
     @property
     def num_requests(self) -> int:
@@ -98,7 +102,7 @@ class TreeAttentionStep:
         if getattr(cad, "positions", None) is not None:
             sub.positions = cad.positions[rows]
         md = attn_group.build_metadata(sub)
-        return cls(backend_rows=rows, backend_metadata=md,
+        return cls(backend_rows=rows, backend_metadata=md, backend_span=row_span(plan.backend_rows),
                    **_tree_fields(plan, device, max_nodes, block_size, num_blocks))
 
     @classmethod
@@ -167,11 +171,11 @@ class TreeAttentionStep:
                 wmd = _virtual_batch_metadata(cad, attn_group, device, wv_req, wv_q,
                                               wv_last + 1, q_rows)
                 waves.append(_ChainWave(src.to(device), slots[dst.to(slots.device)],
-                                        q_rows.to(device), wmd))
+                                        q_rows.to(device), wmd, row_span(q_rows)))
             r_rows = row_start[w.restore_req] + w.restore_col
             restore_rows = r_rows.to(device)
             restore_slots = cad.slot_mapping[r_rows.to(cad.slot_mapping.device)]
-        return cls(backend_rows=rows.to(device), backend_metadata=md,
+        return cls(backend_rows=rows.to(device), backend_metadata=md, backend_span=row_span(rows),
                    waves=waves, restore_rows=restore_rows, restore_slots=restore_slots,
                    **_tree_fields(plan, device, max_nodes, block_size, num_blocks))
 
@@ -268,6 +272,18 @@ def chain_rows_per_query(attn_group) -> int:
     return max(1, q_heads // per_kv)
 
 
+def row_span(rows: torch.Tensor) -> tuple[int, int] | None:
+    """(start, stop) if the host tensor `rows` is start, start + 1, ...,
+    stop - 1 (and not empty), else None."""
+    n = int(rows.numel())
+    if n == 0:
+        return None
+    a = int(rows[0])
+    if int(rows[-1]) - a + 1 != n or (n > 1 and not bool((rows[1:] - rows[:-1] == 1).all())):
+        return None
+    return a, a + n
+
+
 def _segment_starts(first: torch.Tensor) -> torch.Tensor:
     """For a flat array split into segments (first[i]: a segment starts at
     i), the start index of each element's segment."""
@@ -295,6 +311,7 @@ class _ChainWave:
     kv_dst_slots: torch.Tensor  # [E] ... into these slots
     q_rows: torch.Tensor  # [Q] branch rows computed in this wave
     metadata: object  # the backend's metadata: one one-row request per query row
+    q_span: tuple[int, int] | None = None  # q_rows as a range, when consecutive
 
 
 def _virtual_batch_metadata(cad, attn_group, device, req, q_len, seq_len, rows):
@@ -337,6 +354,11 @@ def chain_exact_rows(cls, impl, layer, query, key, value, kv_cache, output, step
     for w in step.waves:
         impl.do_kv_cache_update(layer, key[w.kv_src_rows], value[w.kv_src_rows], kv_cache,
                                 w.kv_dst_slots)
+        if w.q_span is not None:  # views: the backend writes the rows in place
+            q = slice(*w.q_span)
+            cls.forward(impl, layer, query[q], key[q], value[q], kv_cache, w.metadata, output[q],
+                        *args, **kwargs)
+            continue
         q = w.q_rows
         o = output.new_empty((q.numel(),) + tuple(output.shape[1:]))
         cls.forward(impl, layer, query[q], key[q], value[q], kv_cache, w.metadata, o,
@@ -409,13 +431,20 @@ def tree_impl_class(cls: type) -> type:
         if step is None:
             return cls.forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                                *args, **kwargs)
-        rows = step.backend_rows
-        o_b = output.new_empty((rows.numel(),) + tuple(output.shape[1:]))
-        k_b = key[rows] if passes_kv and key is not None else key
-        v_b = value[rows] if passes_kv and value is not None else value
-        cls.forward(self, layer, query[rows], k_b, v_b, kv_cache, step.backend_metadata, o_b,
-                    *args, **kwargs)
-        output[rows] = o_b
+        if step.backend_span is not None:  # views: the backend writes the rows in place
+            rows = slice(*step.backend_span)
+            k_b = key[rows] if passes_kv and key is not None else key
+            v_b = value[rows] if passes_kv and value is not None else value
+            cls.forward(self, layer, query[rows], k_b, v_b, kv_cache, step.backend_metadata,
+                        output[rows], *args, **kwargs)
+        else:
+            rows = step.backend_rows
+            o_b = output.new_empty((rows.numel(),) + tuple(output.shape[1:]))
+            k_b = key[rows] if passes_kv and key is not None else key
+            v_b = value[rows] if passes_kv and value is not None else value
+            cls.forward(self, layer, query[rows], k_b, v_b, kv_cache, step.backend_metadata, o_b,
+                        *args, **kwargs)
+            output[rows] = o_b
         t0 = time.perf_counter()
         if step.waves is not None:
             chain_exact_rows(cls, self, layer, query, key, value, kv_cache, output, step,

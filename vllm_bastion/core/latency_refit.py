@@ -60,6 +60,7 @@ class OnlineRefit:
         if not (0 < forgetting <= 1):
             raise ValueError("forgetting must be in (0, 1]")
         self._model = model.copy()
+        self._snapshot: LatencyModel | None = None  # the model's current copy, handed out
         self.lam = float(forgetting)
         self.huber_k = float(huber_k)
         self.min_scale = float(min_scale)
@@ -92,8 +93,11 @@ class OnlineRefit:
 
     @property
     def model(self) -> LatencyModel:
-        """The current model (a copy; safe to hand to the budget search)."""
-        return self._model.copy()
+        """The current model (a copy, made once per change of the model; safe
+        to hand to the budget search, which reads it only)."""
+        if self._snapshot is None:
+            self._snapshot = self._model.copy()
+        return self._snapshot
 
     @property
     def coeffs(self) -> RooflineCoeffs:
@@ -107,6 +111,7 @@ class OnlineRefit:
             a_m=max(0.0, float(tm[0])),
             b_m=max(0.0, float(tm[1]) * self.t_ref),
         )
+        self._snapshot = None
 
     def update(self, new_tokens: Any, contexts: Any, measured_seconds: float) -> bool:
         """Feed one measured verify forward. Returns False if it was rejected."""
@@ -193,6 +198,7 @@ class OnlineRefit:
     def update_fixed(self, measured_seconds: float) -> float:
         """Track T_fix (drafter forward + tree overhead per step)."""
         v = self.fixed.update(measured_seconds)
-        if v is not None:
+        if v is not None and v != self._model.t_fix:
             self._model.t_fix = v
+            self._snapshot = None
         return self._model.t_fix

@@ -39,6 +39,8 @@ def label(method: str) -> str:
         return f"vLLM DFlash chain {method.split('-', 1)[1]}"
     if method.startswith("bastion-fixed-"):
         return f"BASTION fixed {method.rsplit('-', 1)[1]} nodes"
+    if method.startswith("bastion-top1-"):
+        return f"BASTION top-1 chain of {method.rsplit('-', 1)[1]}"
     if method.startswith("bastion-depth-"):
         return f"BASTION, draft depth {method.rsplit('-', 1)[1]}"
     return LABELS[method]
@@ -142,6 +144,8 @@ def speculative_config(method: str, drafter: str, depth: int, extra: dict | None
         spec["drafting"] = "always"
     elif method == "bastion-top1":
         spec.update(topk=1, budget="fixed", max_nodes=depth)
+    elif method.startswith("bastion-top1-"):  # a chain of exactly N drafts, every step (vs dflash-N)
+        spec.update(topk=1, budget="fixed", max_nodes=int(method.rsplit("-", 1)[1]), drafting="always")
     elif method.startswith("bastion-fixed-"):  # trees of exactly N nodes
         spec.update(budget="fixed", max_nodes=int(method.rsplit("-", 1)[1]))
     elif method == "bastion-fulldepth":  # the drafter's whole block every step
