@@ -108,18 +108,16 @@ class AcceptanceCalibrator:
         lo = hi - 1
         w = ((x[:, :Dc] - centers[lo]) / (centers[hi] - centers[lo])).clamp(0.0, 1.0)
         out = x[:, :, None, :].expand(B, D, NUM_CLASSES, K).clone()
-        finite = torch.isfinite(x[:, :Dc])
-        below = x[:, :Dc] < centers[0]
-        above = x[:, :Dc] > centers[-1]
+        xd = x[:, :Dc, :, None]  # [B, Dc, K, 1]
+        tab = self._table_t[:Dc].transpose(1, 2)  # [Dc, bins, classes]
         d_idx = torch.arange(Dc, device=logq.device)[None, :, None]
-        for c in range(NUM_CLASSES):
-            tab = self._table_t[:Dc, c]  # [Dc, bins]
-            t_lo, t_hi = tab[d_idx, lo], tab[d_idx, hi]
-            val = t_lo + w * (t_hi - t_lo)
-            # outside the centers: slope 1 in log q (order kept; never above 0)
-            val = torch.where(below, tab[:, :1][d_idx.squeeze(-1)] + (x[:, :Dc] - centers[0]), val)
-            val = torch.where(above, (tab[:, -1:][d_idx.squeeze(-1)] + (x[:, :Dc] - centers[-1])).clamp(max=0.0), val)
-            out[:, :Dc, c] = torch.where(finite, val, x[:, :Dc])
+        t_lo, t_hi = tab[d_idx, lo], tab[d_idx, hi]  # [B, Dc, K, classes]
+        val = t_lo + w[..., None] * (t_hi - t_lo)
+        # outside the centers: slope 1 in log q (order kept; never above 0)
+        val = torch.where(xd < centers[0], tab[None, :, None, 0] + (xd - centers[0]), val)
+        val = torch.where(xd > centers[-1], (tab[None, :, None, -1] + (xd - centers[-1])).clamp(max=0.0), val)
+        val = torch.where(torch.isfinite(xd), val, xd)
+        out[:, :Dc] = val.permute(0, 1, 3, 2)
         return out
 
     def summary(self) -> dict:
