@@ -67,6 +67,7 @@ from vllm_bastion import tree_attention as _tree_attention
 from vllm_bastion.tree_attention import (
     METADATA_ATTR,
     TreeAttentionStep,
+    chain_rows_per_query,
     install_tree_attention,
     kv_cache_views,
 )
@@ -96,6 +97,7 @@ class BastionRunnerMixin:
         # CPU: every verify row computed by the backend as a chain row
         # (tree_attention.TreeAttentionStep.build_chain_exact)
         self._bastion_chain_exact = self.device.type == "cpu"
+        self._bastion_chain_rows: int | None = None  # rows per one-row-exact query block
         self._bastion_layers: list[str] = []
         self._bastion_kv_views: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._bastion_exec = None  # (aux_hidden_states, slot_mappings) of the step
@@ -266,8 +268,7 @@ class BastionRunnerMixin:
             plan = self._bastion_plan
             self._bastion_attach = False
         info = None  # None: the backend computes every row
-        if plan is not None and (plan.num_branch_rows or (
-                self._bastion_chain_exact and bool(plan.trees.num_nodes.any()))):
+        if plan is not None and self._bastion_needs_tree_step(plan):
             info = self._bastion_tree_attention_step(plan, spec_cad)
         # one metadata object per attention group (a builder may reuse it, so
         # it is always set, also to None)
@@ -279,12 +280,30 @@ class BastionRunnerMixin:
                     setattr(md, METADATA_ATTR, info)
         return attn_metadata, spec_cad
 
+    def _bastion_needs_tree_step(self, plan: StepPlan) -> bool:
+        """Whether the backend, run on vLLM's own metadata, would not compute
+        this step's verify rows as BASTION needs them: branch rows (tree
+        attention), or on the chain-exact path a chain longer than one
+        one-row-exact query block. Chains that fit one block are exactly
+        the requests of vLLM's batch, so the backend computes them as is."""
+        if plan.num_branch_rows:
+            return True
+        if not self._bastion_chain_exact:
+            return False
+        if self._bastion_chain_rows is None:
+            self._bastion_chain_rows = chain_rows_per_query(self._bastion_attn_group())
+        return bool((plan.trees.num_nodes + 1 > self._bastion_chain_rows).any())
+
+    def _bastion_attn_group(self):
+        gid = self._bastion_group()
+        return next(g for g in self.attn_groups[gid] if self._bastion_layers[0] in g.layer_names)
+
     def _bastion_tree_attention_step(self, plan: StepPlan, cad) -> TreeAttentionStep:
         gid = self._bastion_group()
         drafter_gid = getattr(getattr(self, "drafter", None), "kv_cache_gid", gid)
         if cad is None or drafter_gid != gid:
             raise RuntimeError("BASTION needs the target and the drafter in one KV cache group")
-        group = next(g for g in self.attn_groups[gid] if self._bastion_layers[0] in g.layer_names)
+        group = self._bastion_attn_group()
         step = TreeAttentionStep.build(
             plan, cad, group, self.device,
             block_size=self.input_batch.block_table[gid].block_size,
