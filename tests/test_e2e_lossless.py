@@ -79,11 +79,14 @@ def test_every_verify_row_equals_vllm_bit_for_bit(engines, prompts):
         ref_rows = ref.collective_rpc(take_logits_records)[0]
         rows, got = [], []
         # the true continuation drafted off the spine (accepted through
-        # branch rows), then on it (accepted along the spine)
-        for true_rank in (1, 0):
+        # branch rows), then on it (accepted along the spine), then on it
+        # with one-node trees only (chains that fit one exact query block:
+        # verified on vLLM's own attention metadata)
+        for true_rank, nodes in ((1, None), (0, None), (0, 1)):
             bas.collective_rpc(install_second_choice_oracle,
                                args=(_oracle_refs(some, ref_out),), kwargs={"true_rank": true_rank})
-            bas.collective_rpc(install_random_budget, args=(1 + true_rank,))
+            bas.collective_rpc(install_random_budget, args=(1 + true_rank,),
+                               kwargs={"max_nodes": nodes})
             try:
                 got.append(_greedy(bas, some, 8))
             finally:
@@ -100,6 +103,16 @@ def test_every_verify_row_equals_vllm_bit_for_bit(engines, prompts):
         assert not r["errors"], r["errors"]
         assert r["compared"] > 0, kind  # the oracle makes every kind occur
         assert r["differing"] == 0, (kind, r)
+    # both verify paths ran: tree-attention metadata (branch rows, long chains)
+    # and chains that fit one exact query block, on vLLM's own metadata
+    steps = bas.collective_rpc("bastion_stats")[0]["time_per_step"]
+    exact_rows = bas.collective_rpc(_exact_block_rows)[0]
+    assert steps["tree_metadata_steps"] > 0, steps
+    assert steps["vllm_metadata_steps"] > 0 or exact_rows == 1, (steps, exact_rows)
+
+
+def _exact_block_rows(worker):
+    return worker.model_runner._bastion_chain_rows
 
 
 def test_tree_sizes_and_drafting_never_change_tokens(engines, prompts):

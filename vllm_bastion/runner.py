@@ -268,8 +268,13 @@ class BastionRunnerMixin:
             plan = self._bastion_plan
             self._bastion_attach = False
         info = None  # None: the backend computes every row
-        if plan is not None and self._bastion_needs_tree_step(plan):
-            info = self._bastion_tree_attention_step(plan, spec_cad)
+        if plan is not None and bool(plan.trees.num_nodes.any()):
+            timer = self.bastion_stats.timer
+            if self._bastion_needs_tree_step(plan):
+                info = self._bastion_tree_attention_step(plan, spec_cad)
+                timer.tree_metadata_steps += 1
+            else:
+                timer.vllm_metadata_steps += 1
         # one metadata object per attention group (a builder may reuse it, so
         # it is always set, also to None)
         mds = attn_metadata if isinstance(attn_metadata, list) else [attn_metadata]

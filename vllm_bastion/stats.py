@@ -84,6 +84,8 @@ class PhaseTimer:
         self.total = {p: 0.0 for p in self.PHASES}
         self.steps = 0
         self.branch_waves = 0  # chain-exact tree attention passes (CPU)
+        self.tree_metadata_steps = 0  # verify steps that built tree-attention metadata
+        self.vllm_metadata_steps = 0  # verify steps with trees that ran on vLLM's own metadata
 
     def add(self, phase: str, seconds: float) -> None:
         self.total[phase] = self.total.get(phase, 0.0) + seconds
@@ -91,7 +93,9 @@ class PhaseTimer:
     def summary(self) -> dict:
         n = max(self.steps, 1)
         return ({f"{k}_ms": round(1e3 * v / n, 3) for k, v in self.total.items()}
-                | {"steps": self.steps, "branch_waves": round(self.branch_waves / n, 3)})
+                | {"steps": self.steps, "branch_waves": round(self.branch_waves / n, 3),
+                   "tree_metadata_steps": self.tree_metadata_steps,
+                   "vllm_metadata_steps": self.vllm_metadata_steps})
 
 
 class StatsLogger:

@@ -321,8 +321,10 @@ def _run_result(method, batch_size, prompts, outs, wall, before, after, tree,
         "mean_accepted_length": 1 + acc / drafts if drafts else 1.0,
         "mean_drafted_per_step": drafted / drafts if drafts else 0.0,
         # engine steps that verified drafts (every request drafts every step
-        # for chains and fixed trees): wall time per such step
-        "ms_per_step": 1e3 * wall / (drafts / batch_size) if drafts else None,
+        # for chains and fixed trees): wall time per such step; none where
+        # BASTION's gate drafts only some steps (the count is not the steps)
+        "ms_per_step": (1e3 * wall / (drafts / batch_size)
+                        if drafts and ((tree or {}).get("drafting_fraction") or 1.0) >= 0.999 else None),
         "acceptance_by_depth": by_depth,
         "tree": tree,
         "window_tokens": window[0],

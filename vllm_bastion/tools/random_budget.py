@@ -15,13 +15,15 @@ import numpy as np
 import torch
 
 
-def install_random_budget(worker, seed: int, p_draft: float = 0.7) -> bool:
+def install_random_budget(worker, seed: int, p_draft: float = 0.7, max_nodes: int | None = None) -> bool:
+    """Seeded random drafting decisions and tree sizes in [0, max_nodes]
+    (default: the engine's max_nodes)."""
     runner = worker.model_runner
     budget = runner._bastion_budget
     if budget is None:
         raise RuntimeError("install_random_budget needs an engine with budget 'auto'")
     rng = np.random.default_rng(seed)
-    max_nodes = runner.bastion_config.max_nodes
+    max_nodes = runner.bastion_config.max_nodes if max_nodes is None else int(max_nodes)
 
     def plan_drafting(gain, nodes, contexts, eligible, force):
         return np.asarray(eligible, dtype=bool) & (rng.random(len(eligible)) < p_draft)
