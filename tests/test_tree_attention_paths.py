@@ -97,7 +97,6 @@ def test_batched_torch_path_equals_kernel_reference(spine_first_layout):
     torch.testing.assert_close(got[written], want[written], rtol=1e-5, atol=1e-5)
 
 
-
 def test_row_span_finds_consecutive_rows_only():
     """The backend works on views of the rows when they are consecutive: one
     request's root and spine (spine first), whatever its branch rows."""

@@ -346,6 +346,22 @@ def _virtual_batch_metadata(cad, attn_group, device, req, q_len, seq_len, rows):
     return attn_group.build_metadata(sub)
 
 
+def backend_on_rows(cls, impl, layer, query, key, value, kv_cache, metadata, output, rows, span,
+                    args, kwargs, *, gather_kv: bool) -> None:
+    """The backend's forward on `rows` of the step, written into `output`:
+    on views when the rows are the range `span` (the backend writes them in
+    place), else gathered and scattered back. gather_kv False: the backend
+    gets the whole key/value (CPU_ATTN reads K/V from the cache only)."""
+    sel = slice(*span) if span is not None else rows
+    out = output[sel] if span is not None else output.new_empty((rows.numel(),) + tuple(output.shape[1:]))
+    if gather_kv:
+        key = key[sel] if key is not None else key
+        value = value[sel] if value is not None else value
+    cls.forward(impl, layer, query[sel], key, value, kv_cache, metadata, out, *args, **kwargs)
+    if span is None:
+        output[rows] = out
+
+
 def chain_exact_rows(cls, impl, layer, query, key, value, kv_cache, output, step,
                      args, kwargs) -> None:
     """The branch rows of `output`, wave by wave, by the backend itself
@@ -354,16 +370,8 @@ def chain_exact_rows(cls, impl, layer, query, key, value, kv_cache, output, step
     for w in step.waves:
         impl.do_kv_cache_update(layer, key[w.kv_src_rows], value[w.kv_src_rows], kv_cache,
                                 w.kv_dst_slots)
-        if w.q_span is not None:  # views: the backend writes the rows in place
-            q = slice(*w.q_span)
-            cls.forward(impl, layer, query[q], key[q], value[q], kv_cache, w.metadata, output[q],
-                        *args, **kwargs)
-            continue
-        q = w.q_rows
-        o = output.new_empty((q.numel(),) + tuple(output.shape[1:]))
-        cls.forward(impl, layer, query[q], key[q], value[q], kv_cache, w.metadata, o,
-                    *args, **kwargs)
-        output[q] = o
+        backend_on_rows(cls, impl, layer, query, key, value, kv_cache, w.metadata, output,
+                        w.q_rows, w.q_span, args, kwargs, gather_kv=True)
     if step.restore_rows is not None:
         r = step.restore_rows
         impl.do_kv_cache_update(layer, key[r], value[r], kv_cache, step.restore_slots)
@@ -431,20 +439,8 @@ def tree_impl_class(cls: type) -> type:
         if step is None:
             return cls.forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                                *args, **kwargs)
-        if step.backend_span is not None:  # views: the backend writes the rows in place
-            rows = slice(*step.backend_span)
-            k_b = key[rows] if passes_kv and key is not None else key
-            v_b = value[rows] if passes_kv and value is not None else value
-            cls.forward(self, layer, query[rows], k_b, v_b, kv_cache, step.backend_metadata,
-                        output[rows], *args, **kwargs)
-        else:
-            rows = step.backend_rows
-            o_b = output.new_empty((rows.numel(),) + tuple(output.shape[1:]))
-            k_b = key[rows] if passes_kv and key is not None else key
-            v_b = value[rows] if passes_kv and value is not None else value
-            cls.forward(self, layer, query[rows], k_b, v_b, kv_cache, step.backend_metadata, o_b,
-                        *args, **kwargs)
-            output[rows] = o_b
+        backend_on_rows(cls, self, layer, query, key, value, kv_cache, step.backend_metadata, output,
+                        step.backend_rows, step.backend_span, args, kwargs, gather_kv=passes_kv)
         t0 = time.perf_counter()
         if step.waves is not None:
             chain_exact_rows(cls, self, layer, query, key, value, kv_cache, output, step,
