@@ -376,11 +376,17 @@ def _maybe_reexec_with_runtime(runtime: str) -> None:
 
 
 def _cpu_model() -> str:
+    """The CPU's model name and the widest vector ISA torch dispatches to (AVX2 vs
+    AVX512 changes the bf16 regime: without AVX512-BF16 a verify forward of n tokens
+    costs about n decode steps, so speculation cannot pay)."""
+    import torch
+
     try:
         with open("/proc/cpuinfo") as f:
-            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+            name = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
-        return "unknown CPU"
+        name = "unknown CPU"
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def main(argv=None) -> int:
