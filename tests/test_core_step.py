@@ -14,6 +14,7 @@ from random_trees import random_trees
 from vllm_bastion.core.compaction import permute_rows_
 from vllm_bastion.core.noise import seeded_exponential, seeded_uniform
 from vllm_bastion.core.step import (
+    pad_trees,
     finish_step,
     plan_step,
     replace_rows,
@@ -187,3 +188,22 @@ def test_seeded_noise_is_uniform_and_independent():
     assert abs(float(c_tok)) < 0.01 and abs(float(c_pos)) < 0.01
     e = seeded_exponential(torch.arange(64), torch.arange(64), 4096)
     assert abs(float(e.mean()) - 1.0) < 0.02
+
+
+def test_path_classes_survive_layout_and_row_edits():
+    """The builder's per-node path classes ride along through spine-first
+    layout, padding, kept-column restriction and row replacement, and stay
+    what tree.path_classes computes from the tree itself (the runner feeds
+    them to the acceptance calibrator instead of recomputing them)."""
+    from vllm_bastion.core.paths import keep_columns
+    from vllm_bastion.core.tree import path_classes
+
+    logp, tok = topk_per_depth(torch.randn(3, 5, 50, generator=torch.Generator().manual_seed(4)) * 2, 3)
+    trees, _ = spine_first(build_best_first_trees(logp, tok, max_nodes=12))
+    raw = torch.rand(trees.tokens.shape, generator=torch.Generator().manual_seed(5)) < 0.7
+    keep = ~(ancestor_mask(trees) & ~raw[:, None, :]).any(dim=2)  # every ancestor kept
+    edited = [trees, pad_trees(trees, trees.width + 3), keep_columns(trees, keep),
+              replace_rows(trees, torch.tensor([False, True, False]), chain_tree([[1, 2], [3], []]))]
+    for t in edited:
+        assert t.classes is not None
+        assert torch.equal(t.classes, path_classes(t, 2))

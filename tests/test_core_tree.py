@@ -18,7 +18,7 @@ from vllm_bastion.core.tree import (
     chain_tree,
     topk_per_depth,
 )
-from vllm_bastion.core.walk import accept_walk, greedy_walk_reference
+from vllm_bastion.core.walk import accept_chain_walk, accept_walk, greedy_walk_reference
 
 
 def heap_best_first(logp: torch.Tensor, max_nodes: int) -> list[tuple[tuple[int, ...], float]]:
@@ -241,3 +241,55 @@ def test_tree_attention_reference_matches_dense():
             vals = torch.cat([vp[:, kv_h], vt[allowed[i], kv_h]])
             p = torch.softmax(keys @ q[i, h] * 0.25, 0)
             torch.testing.assert_close(out[i, h], p @ vals, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_classes", [False, True])
+def test_top1_chains_equal_general_builder(with_classes):
+    """K = 1 takes the loop-free chain path; it must build what the general
+    best-first builder builds from the same drafts (a second rank at -inf
+    forces the general path: its candidates are never alive)."""
+    B, D, M = 5, 7, 5
+    logp, tok = random_topk(B, D, 1, seed=11)
+    logp[3, 2, 0] = -math.inf  # a drafter that gives up at depth 3
+    kw = dict(max_depth=torch.tensor([7, 2, 7, 7, 0]), num_nodes=torch.tensor([5, 5, 3, 5, 5]))
+    cv = None
+    if with_classes:
+        cv = torch.rand(B, D, 3, 1).log() * 0.5
+    fast = build_best_first_trees(logp, tok, max_nodes=M, class_values=cv, **kw)
+    logp2 = torch.cat([logp, torch.full_like(logp, -math.inf)], -1)
+    tok2 = torch.cat([tok, tok + 1], -1)
+    cv2 = None if cv is None else torch.cat([cv, torch.full_like(cv, -math.inf)], -1)
+    ref = build_best_first_trees(logp2, tok2, max_nodes=M, class_values=cv2, **kw)
+    # row 3: the drafter's -inf ends the chain unless class values score it
+    assert fast.num_nodes.tolist() == ref.num_nodes.tolist() == [5, 2, 3, 5 if with_classes else 2, 0]
+    W = fast.width
+    assert W == 6 and ref.width >= W and (ref.tokens[:, W:] == -1).all()
+    for k in ("tokens", "parents", "depths", "ranks", "classes"):
+        assert torch.equal(getattr(fast, k), getattr(ref, k)[:, :W]), k
+    for k in ("scores", "node_logq"):
+        torch.testing.assert_close(getattr(fast, k), getattr(ref, k)[:, :W], rtol=0, atol=1e-6)
+    assert fast.draft_logprobs is logp and fast.draft_tokens is tok
+
+
+@pytest.mark.parametrize("extra_width", [0, 3])
+def test_chain_walk_equals_tree_walk(extra_width):
+    """Chains (every step without branch rows) take accept_chain_walk; it must
+    give accept_walk's result field for field, padding and ranks > 0 on the
+    chain (a spine through a second choice) included."""
+    from vllm_bastion.core.step import pad_trees
+
+    g = torch.Generator().manual_seed(3)
+    lens = [0, 1, 4, 6, 6, 2, 0, 5]
+    chains = chain_tree([torch.randint(0, 5, (n,), generator=g).tolist() for n in lens],
+                        root_tokens=[7] * len(lens))
+    chains.ranks[:, 1:] = torch.where(chains.depths[:, 1:] > 0,
+                                      (torch.rand(len(lens), chains.width - 1, generator=g) < 0.2).long(), -1)
+    chains = pad_trees(chains, chains.width + extra_width)
+    for trial in range(20):
+        # the target agrees with the drafts mostly, so paths get long
+        target = torch.where(torch.rand(chains.tokens.shape, generator=g) < 0.8,
+                             torch.nn.functional.pad(chains.tokens[:, 1:], (0, 1), value=0).clamp(min=0),
+                             torch.randint(0, 5, chains.tokens.shape, generator=g))
+        want, got = accept_walk(chains, target), accept_chain_walk(chains, target)
+        for k in want.__dataclass_fields__:
+            assert torch.equal(getattr(got, k), getattr(want, k)), (trial, k)

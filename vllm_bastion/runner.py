@@ -381,9 +381,9 @@ class BastionRunnerMixin:
         trees = plan.trees
         if self.bastion_acceptance is not None and trees.node_logq is not None:
             t = walk.tested_mask
+            classes = trees.classes if trees.classes is not None else path_classes(trees, NUM_CLASSES - 1)
             self.bastion_acceptance.update(
-                trees.depths[t], trees.node_logq[t], walk.accepted_mask[t],
-                path_classes(trees, NUM_CLASSES - 1)[t])
+                trees.depths[t], trees.node_logq[t], walk.accepted_mask[t], classes[t])
         t2 = now()
         timer.add("walk", t2 - t1)
         self._bastion_compact(result.src_rows, result.dst_rows)
@@ -616,7 +616,8 @@ class BastionRunnerMixin:
             trees = trees.truncate(_same_on_all_tp_ranks(n))
             table["depth"][idx] = next_allowed_depth(planned_depths(trees.depths), cfg.draft_depth)
             timer.add("budget", now() - t3)
-        trees, _ = spine_first(trees)
+        if cfg.topk > 1:  # top-1 trees are chains: already spine first
+            trees, _ = spine_first(trees)
         full = _scatter_trees(trees, idx, B)
         self._bastion_pending = (full, list(req_ids))
         if budget is not None:

@@ -165,6 +165,6 @@ def keep_columns(trees: TreeBatch, keep: torch.Tensor) -> TreeBatch:
     parents = torch.where(old_par >= 0, new_idx.gather(1, old_par.clamp(min=0)), old_par)
     out = TreeBatch(tokens=g(trees.tokens), parents=parents, depths=g(trees.depths),
                     ranks=g(trees.ranks), scores=g(trees.scores), num_nodes=n_new - 1,
-                    node_logq=g(trees.node_logq))
+                    node_logq=g(trees.node_logq), classes=g(trees.classes))
     out._pad_invalid()
     return out

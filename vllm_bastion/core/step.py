@@ -38,7 +38,7 @@ import torch
 
 from .compaction import compaction_pairs
 from .tree import TreeBatch, ancestor_mask
-from .walk import WalkResult, accept_walk
+from .walk import WalkResult, accept_chain_walk, accept_walk
 
 
 # ----------------------------------------------------------------- layout
@@ -94,6 +94,7 @@ def spine_first(trees: TreeBatch) -> tuple[TreeBatch, torch.Tensor]:
     out = TreeBatch(
         tokens=g(trees.tokens), parents=parents, depths=g(trees.depths), ranks=g(trees.ranks),
         scores=g(trees.scores), num_nodes=trees.num_nodes.clone(), node_logq=g(trees.node_logq),
+        classes=g(trees.classes),
     )
     spine_len = (on & valid).sum(dim=1) - 1
     return out, spine_len
@@ -116,7 +117,7 @@ def pad_trees(trees: TreeBatch, width: int) -> TreeBatch:
     if extra <= 0:
         return trees
     fills = {"tokens": -1, "parents": -1, "depths": -1, "ranks": -1,
-             "scores": float("-inf"), "node_logq": float("-inf")}
+             "scores": float("-inf"), "node_logq": float("-inf"), "classes": -1}
 
     def pad(k):
         x = getattr(trees, k)
@@ -133,6 +134,8 @@ def replace_rows(trees: TreeBatch, rows: torch.Tensor, other: TreeBatch) -> Tree
 
     def pick(k):
         x, y = getattr(a, k), getattr(b, k)
+        if k == "classes" and (x is None or y is None):
+            return None  # per node: recomputed from the mixed rows (tree.path_classes)
         if x is None or y is None:
             return x if y is None else y
         return torch.where(sel.view(-1, *([1] * (x.dim() - 1))), y, x)
@@ -197,6 +200,11 @@ def plan_step(trees: TreeBatch, row_start, num_rows, root_pos,
     B, W = trees.tokens.shape
     n = trees.num_nodes.to(dev)
     spine = torch.minimum(spine_length(trees), n)
+    if not bool((n > spine).any()):  # chains only: every row is the backend's
+        none = torch.zeros(0, dtype=torch.long, device=dev)
+        total = int(num_rows.sum())
+        return StepPlan(trees, row_start, num_rows, root_pos, spine, none, none,
+                        torch.arange(total, device=dev), num_rows.clone(), none, None)
     cols = torch.arange(W, device=dev)[None, :]
     branch = (cols > spine[:, None]) & (cols <= n[:, None])  # [B, W]
     b_idx, b_col = branch.nonzero(as_tuple=True)
@@ -333,6 +341,6 @@ def finish_step(plan: StepPlan, row_tokens: torch.Tensor) -> StepResult:
     """Walk every tree with the target's token at each sampled row and plan
     the compaction of the accepted paths."""
     target = gather_target_tokens(plan, row_tokens.to(plan.trees.tokens.device))
-    walk = accept_walk(plan.trees, target)
+    walk = (accept_chain_walk if plan.num_branch_rows == 0 else accept_walk)(plan.trees, target)
     src, dst = compaction_pairs(plan.row_start, walk.path_nodes, walk.num_accepted)
     return StepResult(walk, src, dst)

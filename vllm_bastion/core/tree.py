@@ -154,7 +154,7 @@ def chain_tree(tokens: list[list[int]], root_tokens: list[int] | None = None) ->
             rank[b, 1 : 1 + k] = 0
             score[b, 1 : 1 + k] = 0.0
     return TreeBatch(tok, par, dep, rank, score, torch.tensor(n, dtype=torch.long),
-                     torch.full((B, W), NEG_INF))
+                     torch.full((B, W), NEG_INF), classes=torch.where(dep >= 0, 0, -1))
 
 
 def topk_per_depth(
@@ -220,6 +220,11 @@ def build_best_first_trees(
     else:
         depth_limit = torch.as_tensor(max_depth, dtype=torch.long, device=device)
         depth_limit = depth_limit.expand(B).clamp(0, D)
+
+    if K == 1 and M > 0 and D > 0:
+        trees = _top1_chains(logp, toks, M, depth_limit, num_nodes, class_values)
+        trees.draft_logprobs, trees.draft_tokens = topk_logprobs, topk_tokens
+        return trees
 
     level_scores: list[torch.Tensor] = []  # [B, W_d]
     level_parent_slot: list[torch.Tensor] = []  # index into previous level, -1 root
@@ -336,6 +341,43 @@ def build_best_first_trees(
     )
     trees = TreeBatch(tokens, parents, depths, ranks, scores, n.to(torch.long), node_logq, classes,
                       draft_logprobs=topk_logprobs, draft_tokens=topk_tokens)
+    trees._pad_invalid()
+    return trees
+
+
+def _top1_chains(logp: torch.Tensor, toks: torch.Tensor, M: int, depth_limit: torch.Tensor,
+                 num_nodes: torch.Tensor | None, class_values: torch.Tensor | None) -> TreeBatch:
+    """build_best_first_trees for top-1 drafts (K = 1): every tree is the chain of
+    the per-depth top-1 tokens, as long as its path score stays finite, within
+    the depth limit, max_nodes and num_nodes. The same trees as the general
+    builder (whose best-first order of a chain is depth order) without its
+    per-depth loop; width 1 + the longest chain."""
+    B, D, _ = logp.shape
+    device = logp.device
+    L = min(D, M)
+    lq = logp[:, :L, 0]
+    vals = lq if class_values is None else class_values[:, :L, 0, 0].float()  # path class 0
+    scores = torch.cumsum(vals, dim=1)
+    depth = torch.arange(1, L + 1, device=device)
+    alive = torch.isfinite(scores) & (depth[None, :] <= depth_limit[:, None])
+    n = alive.long().cumprod(dim=1).sum(dim=1)
+    if num_nodes is not None:
+        n = torch.minimum(n, torch.as_tensor(num_nodes, dtype=torch.long, device=device))
+    W = 1 + int(n.max()) if B else 1
+
+    def with_root(root, x):
+        return torch.cat([torch.full((B, 1), root, dtype=x.dtype, device=device), x[:, : W - 1]], 1)
+
+    cols = torch.arange(W - 1, device=device).expand(B, W - 1)
+    trees = TreeBatch(
+        tokens=with_root(-1, toks[:, :L, 0]),
+        parents=with_root(-1, cols),
+        depths=with_root(0, cols + 1),
+        ranks=with_root(0, torch.zeros_like(cols)),
+        scores=with_root(0.0, scores),
+        num_nodes=n,
+        node_logq=with_root(NEG_INF, lq),
+        classes=with_root(0, torch.zeros_like(cols)))
     trees._pad_invalid()
     return trees
 
