@@ -38,7 +38,7 @@ import torch
 
 from .compaction import compaction_pairs
 from .tree import TreeBatch, ancestor_mask
-from .walk import WalkResult, accept_chain_walk, accept_walk
+from .walk import WalkResult, accept_walk
 
 
 # ----------------------------------------------------------------- layout
@@ -341,6 +341,6 @@ def finish_step(plan: StepPlan, row_tokens: torch.Tensor) -> StepResult:
     """Walk every tree with the target's token at each sampled row and plan
     the compaction of the accepted paths."""
     target = gather_target_tokens(plan, row_tokens.to(plan.trees.tokens.device))
-    walk = (accept_chain_walk if plan.num_branch_rows == 0 else accept_walk)(plan.trees, target)
+    walk = accept_walk(plan.trees, target, chains=plan.num_branch_rows == 0)
     src, dst = compaction_pairs(plan.row_start, walk.path_nodes, walk.num_accepted)
     return StepResult(walk, src, dst)

@@ -67,10 +67,13 @@ class TreeBatch:
     def truncate(self, num_nodes: torch.Tensor) -> TreeBatch:
         """Keep the first num_nodes[b] nodes of every tree (always valid).
 
-        Best-first order is ancestor-closed, so any prefix is a tree.
+        Best-first order is ancestor-closed, so any prefix is a tree. Returns
+        the trees themselves when nothing is cut, else new tensors.
         """
         num_nodes = torch.minimum(num_nodes.to(self.num_nodes), self.num_nodes)
         width = int(num_nodes.max().item()) + 1 if num_nodes.numel() else 1
+        if width == self.width and torch.equal(num_nodes, self.num_nodes):
+            return self  # nothing to cut (e.g. the scheduler kept every node)
 
         def cut(x):
             return None if x is None else x[:, :width].clone()
@@ -228,9 +231,8 @@ def build_best_first_trees(
 
     level_scores: list[torch.Tensor] = []  # [B, W_d]
     level_parent_slot: list[torch.Tensor] = []  # index into previous level, -1 root
-    level_tokens: list[torch.Tensor] = []
     level_ranks: list[torch.Tensor] = []
-    level_logq: list[torch.Tensor] = []
+    level_flat: list[torch.Tensor] = []  # d * K + rank: the node's entry of the [B, D * K] top-k
 
     C = class_values.shape[2] if class_values is not None else CLASS_CAP + 1
     rank_off = (torch.arange(K, device=device) > 0).long()  # a non-top-1 choice
@@ -262,9 +264,8 @@ def build_best_first_trees(
             level_classes.append(prev_cls)
             level_scores.append(sc)
             level_parent_slot.append(slot if d > 0 else torch.full_like(slot, -1))
-            level_tokens.append(toks[:, d, :].gather(1, rk))
             level_ranks.append(rk)
-            level_logq.append(logp[:, d, :].gather(1, rk))
+            level_flat.append(rk + d * K)
             prev = sc
             if not bool(torch.isfinite(sc).any()):
                 break
@@ -286,7 +287,6 @@ def build_best_first_trees(
         offsets.append(offsets[-1] + s)
     all_scores = torch.cat(level_scores, dim=1)  # [B, L]
     L = all_scores.shape[1]
-    all_tokens = torch.cat(level_tokens, dim=1)
     all_ranks = torch.cat(level_ranks, dim=1)
     all_depths = torch.cat(
         [torch.full((B, s), d + 1, dtype=torch.long, device=device) for d, s in enumerate(sizes)],
@@ -313,13 +313,14 @@ def build_best_first_trees(
     pos.scatter_(1, order, torch.arange(1, width + 1, device=device).expand(B, width))
 
     sel_parent_flat = all_parent.gather(1, order)
+    sel_flat = torch.cat(level_flat, dim=1).gather(1, order)
     sel_parent = torch.where(
         sel_parent_flat >= 0,
         pos.gather(1, sel_parent_flat.clamp(min=0)),
         torch.zeros_like(sel_parent_flat),
     )
     tokens = torch.cat(
-        [torch.full((B, 1), -1, dtype=torch.long, device=device), all_tokens.gather(1, order)], 1
+        [torch.full((B, 1), -1, dtype=torch.long, device=device), toks.reshape(B, D * K).gather(1, sel_flat)], 1
     )
     parents = torch.cat(
         [torch.full((B, 1), -1, dtype=torch.long, device=device), sel_parent], 1
@@ -334,7 +335,7 @@ def build_best_first_trees(
         [torch.zeros((B, 1), device=device), all_scores.gather(1, order)], 1
     )
     node_logq = torch.cat(
-        [torch.full((B, 1), NEG_INF, device=device), torch.cat(level_logq, dim=1).gather(1, order)], 1
+        [torch.full((B, 1), NEG_INF, device=device), logp.reshape(B, D * K).gather(1, sel_flat)], 1
     )
     classes = torch.cat(
         [torch.zeros((B, 1), dtype=torch.long, device=device), torch.cat(level_classes, dim=1).gather(1, order)], 1

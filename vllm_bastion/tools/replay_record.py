@@ -239,8 +239,8 @@ def install_policy(worker, kwargs: dict) -> bool:
         held["built"] = (rows, trees)
         return trees
 
-    def walk(trees, target):
-        res = orig_walk(trees, target)
+    def walk(trees, target, **kw):
+        res = orig_walk(trees, target, **kw)
         built = held["built"]
         if built is not None and trees.draft_tokens is None:
             rows, bt = built
