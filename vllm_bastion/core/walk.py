@@ -39,6 +39,17 @@ class WalkResult:
     #                              tested against the target's choice at its parent)
 
 
+def _target_of(trees: TreeBatch, target_tokens: torch.Tensor) -> torch.Tensor:
+    """The target's tokens as int64 on the trees' device, checked to be [B, W]."""
+    target = target_tokens.to(device=trees.tokens.device, dtype=torch.long)
+    if target.shape != trees.tokens.shape:
+        raise ValueError(
+            f"target_tokens must be [batch, 1 + max_nodes] = {tuple(trees.tokens.shape)}, got "
+            f"{tuple(target.shape)}"
+        )
+    return target
+
+
 def accept_walk(trees: TreeBatch, target_tokens: torch.Tensor,
                 max_depth: int | None = None, chains: bool = False) -> WalkResult:
     """Walk every tree with the target's per-node tokens.
@@ -63,12 +74,7 @@ def accept_walk(trees: TreeBatch, target_tokens: torch.Tensor,
         return accept_chain_walk(trees, target_tokens)
     B, W = trees.tokens.shape
     device = trees.tokens.device
-    target = target_tokens.to(device=device, dtype=torch.long)
-    if target.shape != (B, W):
-        raise ValueError(
-            f"target_tokens must be [batch, 1 + max_nodes] = {(B, W)}, got "
-            f"{tuple(target.shape)}"
-        )
+    target = _target_of(trees, target_tokens)
     valid = trees.valid_mask()
     parents = trees.parents.clamp(min=0)  # the root (and padding) point at the root
     depths = trees.depths
@@ -128,12 +134,7 @@ def accept_chain_walk(trees: TreeBatch, target_tokens: torch.Tensor) -> WalkResu
     same result as accept_walk, in fewer operations."""
     B, W = trees.tokens.shape
     device = trees.tokens.device
-    target = target_tokens.to(device=device, dtype=torch.long)
-    if target.shape != (B, W):
-        raise ValueError(
-            f"target_tokens must be [batch, 1 + max_nodes] = {(B, W)}, got "
-            f"{tuple(target.shape)}"
-        )
+    target = _target_of(trees, target_tokens)
     n = trees.num_nodes.to(device)
     max_depth = int(n.max()) if B else 0
     cols = torch.arange(W, device=device)
