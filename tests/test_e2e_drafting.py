@@ -115,10 +115,12 @@ def test_never_and_auto_switch_the_drafter_off(tiny_pair, reference_llm, tmp_pat
                "source": "test"}, open(slow, "w"))
     prompts = mixed_prompts(3, seed=8)
     ref = token_ids(reference_llm.generate(prompts, GREEDY, use_tqdm=False))
+    auto = dict(device_profile=str(slow), calibrate=False, online_refit=False, reprobe_interval=8)
+    probes = {}
     for spec, check in (
         (dict(drafting="never"), lambda s: s["drafting"] == 0 and s["trees"] == 0),
-        (dict(device_profile=str(slow), calibrate=False, online_refit=False, reprobe_interval=8),
-         lambda s: 0 < s["drafting"] < 0.3 * s["draft_eligible"] and s["steps_without_drafter"] > 0),
+        (auto, lambda s: 0 < s["drafting"] < 0.3 * s["draft_eligible"] and s["steps_without_drafter"] > 0),
+        (auto | dict(reprobe_backoff=0), lambda s: 0 < s["drafting"]),
     ):
         engine = make_llm(target, speculative_config=bastion_spec(drafter, max_nodes=12, **spec))
         try:
@@ -129,6 +131,10 @@ def test_never_and_auto_switch_the_drafter_off(tiny_pair, reference_llm, tmp_pat
         assert out == ref
         assert check(stats), (spec, {k: stats[k] for k in ("drafting", "draft_eligible", "trees",
                                                             "steps_without_drafter")})
+        probes[spec.get("reprobe_backoff")] = stats["drafting"]
+    # probes that do not switch drafting back on back off: fewer of them than at
+    # a fixed interval (here every drafting request-step is a probe)
+    assert probes[None] < probes[0], probes
 
 
 def test_resuming_with_full_backlogs_under_a_small_token_budget(tiny_pair, reference_llm):

@@ -246,3 +246,35 @@ def test_probes_are_batched():
         runs += bool(f.any())
         idle = np.where(f, 0, idle + 1)
     assert runs <= 8
+
+
+def test_probes_that_do_not_pay_back_off():
+    """A probe after which the rule still leaves the request off doubles its
+    interval (up to the cap); drafting on its own resets it; the intervals
+    are per request."""
+    from vllm_bastion.core.gating import back_off_probes
+
+    backoff = np.zeros(4, np.int64)
+    probed = np.array([True, True, True, False])
+    eligible = np.array([True, True, False, True])
+    drafts = np.array([False, True, False, True])
+    forced = np.array([False, False, False, False])
+    back_off_probes(backoff, probed, eligible, drafts, forced, cap=2)
+    # 0: probed, now off -> backs off; 1: drafts on its own; 2: not eligible (finished
+    # or near max_model_len): no verdict; 3: was not probed
+    assert backoff.tolist() == [1, 0, 0, 0]
+    for _ in range(3):
+        back_off_probes(backoff, probed, eligible, drafts, forced, cap=2)
+    assert backoff.tolist() == [2, 0, 0, 0]  # capped
+    # a forced draft is a probe, not a verdict; an unforced one starts over
+    back_off_probes(backoff, probed, eligible, np.ones(4, bool), np.array([True, 0, 0, 0], bool), 2)
+    assert backoff.tolist() == [2, 0, 0, 0]
+    back_off_probes(backoff, probed, eligible, np.ones(4, bool), forced, 2)
+    assert backoff.tolist() == [0, 0, 0, 0]
+    # per-request intervals: 32 << backoff
+    idle = np.array([40, 40, 0, 0])
+    due = probes_due(np.ones(4, bool), idle, np.zeros(4, np.int64), 32 << np.array([0, 1, 0, 0]))
+    assert due.tolist() == [True, False, False, False]
+    idle[1] = 64
+    assert probes_due(np.ones(4, bool), idle, np.zeros(4, np.int64),
+                      32 << np.array([0, 1, 0, 0])).tolist() == [True, True, False, False]

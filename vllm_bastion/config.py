@@ -114,6 +114,14 @@ class BastionConfig(BaseModel):
         description="Decode steps after which a request that stopped drafting drafts "
         "once more to re-measure its acceptance (also when the batch halves).",
     )
+    reprobe_backoff: int = Field(
+        default=3,
+        ge=0,
+        le=16,
+        description="A re-probe after which the request still does not draft doubles "
+        "its interval, up to reprobe_interval * 2**reprobe_backoff steps (a request that "
+        "drafts on its own starts over); 0: a fixed interval.",
+    )
     acceptance_calibration: bool = Field(
         default=True,
         description="Learn online how often a node is accepted given its parent was, "

@@ -28,6 +28,8 @@ COLUMNS = {
     "nodes": (np.float64, 8.0),  # expected tree size when drafting
     "idle": (np.int64, 0),  # decode steps since it last drafted
     "probe_batch": (np.int64, 0),  # batch size when it last drafted
+    "probed": (np.bool_, False),  # was forced to draft (a probe) in the last gate
+    "backoff": (np.int64, 0),  # its probe interval is reprobe_interval * 2**backoff
     "drafted": (np.bool_, False),  # drafted in the last step
     "depth": (np.int64, 64),  # drafter depth it may use next (core/draft_depth.py)
 }

@@ -42,7 +42,7 @@ from vllm_bastion.config import bastion_config_of
 from vllm_bastion.core.acceptance import NUM_CLASSES, AcceptanceCalibrator
 from vllm_bastion.core.compaction import permute_rows_
 from vllm_bastion.core.draft_depth import next_allowed_depth, planned_depths, step_block_depth
-from vllm_bastion.core.gating import DraftingEstimates, probes_due
+from vllm_bastion.core.gating import DraftingEstimates, back_off_probes, probes_due
 from vllm_bastion.core.paths import keep_columns, row_layout
 from vllm_bastion.core.step import (
     StepPlan,
@@ -643,9 +643,12 @@ class BastionRunnerMixin:
         if cfg.drafting == "always" or budget is None or not budget.ready or cfg.min_nodes > 0:
             return eligible.copy()
         t = self.bastion_table
-        force = probes_due(eligible, t["idle"], t["probe_batch"], cfg.reprobe_interval)
+        force = probes_due(eligible, t["idle"], t["probe_batch"],
+                           cfg.reprobe_interval << t["backoff"])
         decision = budget.plan_drafting(t["gain"], t["nodes"], contexts, eligible, force)
         decision = _same_on_all_tp_ranks(torch.from_numpy(decision).long()).numpy().astype(bool)
+        back_off_probes(t["backoff"], t["probed"], eligible, decision, force, cfg.reprobe_backoff)
+        t["probed"][:] = force & decision
         t["depth"][force & decision] = cfg.draft_depth  # a re-probe drafts at full depth
         return decision
 

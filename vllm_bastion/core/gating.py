@@ -125,20 +125,38 @@ def plan_drafting(
 
 
 def probes_due(eligible: np.ndarray, idle: np.ndarray, probe_batch: np.ndarray,
-               interval: int) -> np.ndarray:
+               interval: int | np.ndarray) -> np.ndarray:
     """[B] bool: requests that must draft this step to re-measure their gain.
 
-    A request is due after `interval` steps without drafting, or when the
-    batch has halved since it last drafted. Probes are batched: when one is
-    due, every eligible request idle for at least 3/4 of the interval probes
-    with it, so the drafter's fixed cost is paid about once per interval and
-    not at almost every step of a large batch (each request probing alone,
-    at its own step)."""
+    A request is due after `interval` (per request, or one for all) steps
+    without drafting, or when the batch has halved since it last drafted.
+    Probes are batched: when one is due, every eligible request idle for at
+    least 3/4 of its interval probes with it, so the drafter's fixed cost is
+    paid about once per interval and not at almost every step of a large
+    batch (each request probing alone, at its own step)."""
     B = len(eligible)
     due = eligible & ((idle >= interval) | (2 * B <= probe_batch))
     if not due.any():
         return due
     return due | (eligible & (4 * idle >= 3 * interval))
+
+
+def back_off_probes(backoff: np.ndarray, probed: np.ndarray, eligible: np.ndarray,
+                    drafts: np.ndarray, forced: np.ndarray, cap: int) -> None:
+    """Per-request probe back-off, in place (probe interval = base * 2**backoff).
+
+    A probe costs a drafter run and a verify of the probe's tree. When the
+    rule, having seen the probe's acceptance, still leaves the request off
+    (`probed` last step, eligible, not drafting now), the probe did not pay:
+    its next one waits twice as long, up to 2**cap times the base interval.
+    A request the rule lets draft on its own (not forced) starts over. Where
+    speculation cannot pay at all (a compute-bound verify) probes then cost
+    a fraction of a percent instead of a few percent; where it pays again,
+    the gain estimate's relaxation toward the engine's mean switches a
+    request back on between probes."""
+    declined = probed & eligible & ~drafts
+    backoff[declined] = np.minimum(backoff[declined] + 1, cap)
+    backoff[drafts & ~forced] = 0
 
 
 class LinearCost:
