@@ -37,12 +37,58 @@ def tiny_pair(tmp_path_factory):
     return target, drafter
 
 
-def make_llm(model: str, **kw):
-    from vllm import LLM
+_MP = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+def make_llm(model: str, *, multiprocess: bool = False, **kw):
+    """A vLLM engine on `model` with the tests' defaults (ENGINE_KW) and `kw`.
+
+    By default the engine runs inside the test process (vLLM's in-process
+    engine core and its one-process executor): starting one takes ~6 s
+    instead of ~40 s of process spawns and imports on 2 cores, which is most
+    of the suite's time. `multiprocess=True` (and TP > 1) starts the engine
+    core and workers as processes, as `vllm.LLM` does by default; the server
+    tests always run vLLM's multiprocess path."""
+    import gc
+
+    from vllm import LLM, envs
 
     args = dict(ENGINE_KW)
     args.update(kw)
-    return LLM(model=model, **args)
+    # an in-process engine caches vLLM's env vars and freezes the GC heap at
+    # start-up: read env vars afresh, and let engines shut down earlier be
+    # collected (their KV caches) before this one freezes the heap again
+    envs.disable_envs_cache()
+    gc.unfreeze()
+    gc.collect()
+    inproc = not multiprocess and args.get("tensor_parallel_size", 1) == 1
+    if inproc:
+        args.setdefault("distributed_executor_backend", "uni")
+    old = os.environ.get(_MP)
+    os.environ[_MP] = "0" if inproc else "1"
+    try:  # read while the engine starts; everything else keeps vLLM's default
+        return LLM(model=model, **args)
+    finally:
+        if old is None:
+            os.environ.pop(_MP, None)
+        else:
+            os.environ[_MP] = old
+        envs.disable_envs_cache()
+
+
+def shutdown(llm) -> None:
+    """Shut an engine down. In-process engines share vLLM's global distributed
+    state (world size 1), which vLLM's EngineCore.shutdown tears down: that
+    would break the other live in-process engines (the session's reference
+    engine), so it is kept; the next engine reuses it."""
+    import vllm.v1.engine.core as core
+
+    cleanup = core.cleanup_dist_env_and_memory
+    core.cleanup_dist_env_and_memory = lambda *a, **k: None
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    finally:
+        core.cleanup_dist_env_and_memory = cleanup
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +96,7 @@ def reference_llm(tiny_pair):
     """vLLM without speculation: the ground truth for greedy equality."""
     llm = make_llm(tiny_pair[0])
     yield llm
-    llm.llm_engine.engine_core.shutdown()
+    shutdown(llm)
 
 
 def bastion_spec(drafter: str, **kw) -> dict:

@@ -15,7 +15,7 @@ import sys
 from contextlib import contextmanager
 
 import pytest
-from conftest import bastion_spec, make_llm, token_ids
+from conftest import bastion_spec, make_llm, shutdown, token_ids
 from prompts import mixed_prompts
 
 from vllm import SamplingParams
@@ -51,12 +51,13 @@ def env(tmp_path_factory):
 
 
 @contextmanager
-def engine(target, drafter, **spec):
-    llm = make_llm(target, speculative_config=bastion_spec(drafter, max_nodes=MAX_NODES, **spec))
+def engine(target, drafter, multiprocess=False, **spec):
+    llm = make_llm(target, multiprocess=multiprocess,
+                   speculative_config=bastion_spec(drafter, max_nodes=MAX_NODES, **spec))
     try:
         yield llm
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        shutdown(llm)
 
 
 def run(llm, prompts, refs):
@@ -83,8 +84,9 @@ def test_latency_model_drives_tree_sizes(tiny_pair, reference_llm, env):
     assert "a_c =" in cli.stdout and "b_m =" in cli.stdout
     assert env["cache"].exists()
 
-    # 2. a BASTION engine on this CPU reuses the cached fit
-    with engine(target, drafter) as llm:
+    # 2. a BASTION engine on this CPU reuses the cached fit (a multiprocess
+    # engine like the CLI's: the fit is keyed by the worker's thread count)
+    with engine(target, drafter, multiprocess=True) as llm:
         cpu_out, cpu = run(llm, prompts, refs)
     assert cpu["budget"]["source"].startswith("cached fit"), cpu["budget"]
     assert cpu_out == ref

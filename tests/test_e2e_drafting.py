@@ -11,7 +11,7 @@
 
 import pytest
 import torch
-from conftest import bastion_spec, make_llm, token_ids
+from conftest import bastion_spec, make_llm, shutdown, token_ids
 from prompts import mixed_prompts
 
 from vllm import SamplingParams
@@ -75,7 +75,7 @@ def llm(tiny_pair):
     engine = make_llm(target, max_num_seqs=4, speculative_config=bastion_spec(
         drafter, max_nodes=12, budget="fixed"))
     yield engine
-    engine.llm_engine.engine_core.shutdown()
+    shutdown(engine)
 
 
 def test_pause_and_backfill_restores_the_drafter_context(llm, reference_llm):
@@ -127,7 +127,7 @@ def test_never_and_auto_switch_the_drafter_off(tiny_pair, reference_llm, tmp_pat
             out = token_ids(engine.generate(prompts, GREEDY, use_tqdm=False))
             stats = engine.collective_rpc("bastion_stats")[0]
         finally:
-            engine.llm_engine.engine_core.shutdown()
+            shutdown(engine)
         assert out == ref
         assert check(stats), (spec, {k: stats[k] for k in ("drafting", "draft_eligible", "trees",
                                                             "steps_without_drafter")})
@@ -157,7 +157,7 @@ def test_resuming_with_full_backlogs_under_a_small_token_budget(tiny_pair, refer
         got = token_ids(engine.generate(prompts, params, use_tqdm=False))
         stats = engine.collective_rpc("bastion_stats")[0]
     finally:
-        engine.llm_engine.engine_core.shutdown()
+        shutdown(engine)
     ref = token_ids(reference_llm.generate(prompts, params, use_tqdm=False))
     assert got == ref
     assert stats["trees"] > 0 and stats["drafting"] < stats["draft_eligible"]

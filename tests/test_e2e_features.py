@@ -17,7 +17,7 @@ import re
 
 import pytest
 import torch
-from conftest import bastion_spec, make_llm, token_ids
+from conftest import bastion_spec, make_llm, shutdown, token_ids
 from prompts import mixed_prompts
 from test_e2e_sampling import chi2_pvalue
 
@@ -33,7 +33,7 @@ def bastion_llm(tiny_pair):
     llm = make_llm(tiny_pair[0],
                    speculative_config=bastion_spec(tiny_pair[1], max_nodes=12, topk=4, budget="fixed"))
     yield llm
-    llm.llm_engine.engine_core.shutdown()
+    shutdown(llm)
 
 
 @pytest.fixture(scope="module")

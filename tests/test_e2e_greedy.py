@@ -8,7 +8,7 @@ token budget.
 """
 
 import pytest
-from conftest import bastion_spec, make_llm, spec_metrics, token_ids
+from conftest import bastion_spec, make_llm, shutdown, spec_metrics, token_ids
 from prompts import mixed_prompts
 
 from vllm import SamplingParams
@@ -21,15 +21,18 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def bastion_llm(tiny_pair):
+    # vLLM's default multiprocess engine (engine core and worker processes), as
+    # users run it offline; the other modules' engines run in the test process
     llm = make_llm(
         tiny_pair[0],
+        multiprocess=True,
         speculative_config=bastion_spec(tiny_pair[1], max_nodes=12, topk=4, budget="fixed"),
         enable_prefix_caching=True,
         enable_chunked_prefill=True,
         max_num_batched_tokens=128,
     )
     yield llm
-    llm.llm_engine.engine_core.shutdown()
+    shutdown(llm)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 near max_model_len. Outputs stay identical to vLLM without speculation."""
 
 import pytest
-from conftest import bastion_spec, make_llm, spec_metrics, token_ids
+from conftest import bastion_spec, make_llm, shutdown, spec_metrics, token_ids
 from prompts import mixed_prompts
 
 from vllm import SamplingParams
@@ -21,7 +21,7 @@ def tight_llm(tiny_pair):
         max_num_seqs=16,
     )
     yield llm
-    llm.llm_engine.engine_core.shutdown()
+    shutdown(llm)
 
 
 def test_preemption_keeps_outputs_identical(tight_llm, reference_llm):

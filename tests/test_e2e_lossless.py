@@ -26,7 +26,7 @@ import os
 
 import pytest
 import requests
-from conftest import bastion_spec, make_llm, token_ids
+from conftest import bastion_spec, make_llm, shutdown, token_ids
 
 from vllm import SamplingParams
 from vllm_bastion.tools.difftest import Output, compare, make_prompts, run_offline
@@ -47,11 +47,14 @@ SPEC = dict(max_nodes=24, topk=4, calibrate=False)  # auto budget, prior latency
 
 @pytest.fixture(scope="module")
 def engines(tiny_pair):
-    ref = make_llm(tiny_pair[0], **COMPILED)
-    bas = make_llm(tiny_pair[0], speculative_config=bastion_spec(tiny_pair[1], **SPEC), **COMPILED)
+    # compiled engines, each in its own processes as users run them (two
+    # compiled engines in one process share torch.compile's state)
+    ref = make_llm(tiny_pair[0], multiprocess=True, **COMPILED)
+    bas = make_llm(tiny_pair[0], multiprocess=True,
+                   speculative_config=bastion_spec(tiny_pair[1], **SPEC), **COMPILED)
     yield ref, bas
     for llm in (ref, bas):
-        llm.llm_engine.engine_core.shutdown()
+        shutdown(llm)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import bastion_spec, make_llm, token_ids
+from conftest import bastion_spec, make_llm, shutdown, token_ids
 from prompts import mixed_prompts
 
 from vllm import SamplingParams
@@ -25,7 +25,7 @@ def bastion_llm(tiny_pair):
         max_num_batched_tokens=2048,
     )
     yield llm
-    llm.llm_engine.engine_core.shutdown()
+    shutdown(llm)
 
 
 def test_greedy_equals_no_speculation_without_prefix_cache(bastion_llm, reference_llm):

@@ -14,7 +14,7 @@ machines have one, so the ranks are bound to cores by hand
 import os
 
 import pytest
-from conftest import bastion_spec, make_llm, spec_metrics, token_ids
+from conftest import bastion_spec, make_llm, shutdown, spec_metrics, token_ids
 from prompts import mixed_prompts
 
 from vllm import SamplingParams
@@ -37,7 +37,7 @@ def tp2_llm(tiny_pair):
         else:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
     yield llm
-    llm.llm_engine.engine_core.shutdown()
+    shutdown(llm)
 
 
 def test_tp2_greedy_equals_tp1_without_speculation(tp2_llm, reference_llm):
