@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the results to this file")
     ap.add_argument("--scaled-pair", default="0.6b",
                     help="shape of the cost-scaled pair compared at batch 1 afterwards ('none': skip)")
-    ap.add_argument("--scaled-prompts", type=int, default=3)
+    ap.add_argument("--scaled-prompts", type=int, default=2)
     ap.add_argument("--scaled-tokens", type=int, default=48)
     args = ap.parse_args(argv)
 
@@ -62,15 +62,15 @@ def main(argv=None) -> int:
         target, drafter = ensure_scaled_pair(args.scaled_pair)
         same &= compare(target, drafter, f"scaled-{args.scaled_pair}", args.scaled_prompts,
                         args.scaled_tokens, 1, True,
-                        args.json and args.json.replace(".json", "") + "_scaled.json")
+                        args.json and args.json.replace(".json", "") + "_scaled.json", warmup=1)
     return 0 if same else 1
 
 
 def compare(target, drafter, name, num_prompts, max_tokens, batch_size, enforce_eager,
-            json_out) -> bool:
+            json_out, warmup: int = 2) -> bool:
     depth = draft_depth(drafter)
-    prompts = load_prompts("heldout", target, num_prompts + 2)
-    warm, prompts = prompts[:2], prompts[2:]
+    prompts = load_prompts("heldout", target, num_prompts + warmup)
+    warm, prompts = prompts[:warmup], prompts[warmup:]
     print(f"{name}\ntarget  {target}\ndrafter {drafter} (DFlash, {depth} draft depths)\n"
           f"{len(prompts)} held-out code prompts, {max_tokens} new tokens each, greedy, "
           f"batch size {batch_size}{', eager' if enforce_eager else ''}\n", flush=True)
