@@ -55,10 +55,8 @@ def make_llm(model: str, *, multiprocess: bool = False, **kw):
 
     args = dict(ENGINE_KW)
     args.update(kw)
-    # an in-process engine caches vLLM's env vars and freezes the GC heap at
-    # start-up: read env vars afresh, and let engines shut down earlier be
-    # collected (their KV caches) before this one freezes the heap again
-    envs.disable_envs_cache()
+    # an in-process engine freezes the GC heap at start-up: let engines shut
+    # down earlier be collected (their KV caches) before this one freezes it
     gc.unfreeze()
     gc.collect()
     inproc = not multiprocess and args.get("tensor_parallel_size", 1) == 1
@@ -73,6 +71,7 @@ def make_llm(model: str, *, multiprocess: bool = False, **kw):
             os.environ.pop(_MP, None)
         else:
             os.environ[_MP] = old
+        # an in-process engine starts caching vLLM's env vars: read them afresh
         envs.disable_envs_cache()
 
 

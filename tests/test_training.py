@@ -300,10 +300,8 @@ def test_test_pair_files_and_acceptance(test_pair):
     assert dm["chain_accepted_mean"] >= 1.5                          # greedy chain acceptance
     assert dm["top1_by_depth"][0] > 0.5
     # room for trees: the target's token is often in the drafter's top-8 where its top-1 is
-    # wrong. The same seed trains a different pair on AVX2 and AVX-512 (other fp32 kernels);
-    # float32 training on AVX2 gave 0.12-0.16 per depth (bf16 autocast gave 0.067 at depth 1)
-    wrong_in_top8 = dm["top1_wrong_in_top8_by_depth"]
-    assert min(wrong_in_top8) > 0.05 and sum(wrong_in_top8) / len(wrong_in_top8) > 0.08
+    # wrong (float32 training on AVX2: 0.12-0.16 per depth)
+    assert min(dm["top1_wrong_in_top8_by_depth"]) > 0.08
     # benchmark prompts from held-out files, saved beside the target
     prompts = json.load(open(os.path.join(tdir, T.PROMPTS_FILE)))
     assert len(prompts) >= 32 and all(len(p["token_ids"]) == 64 for p in prompts)

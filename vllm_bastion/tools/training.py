@@ -1044,7 +1044,7 @@ def build_default_pair(out_dir: str | None = None, *, seed: int = 0, log: Log = 
 
 
 def build_test_pair(out_dir: str, *, seed: int = 0, log: Log = _print) -> dict[str, Any]:
-    """A tiny float32 pair for tests (~2 min on a 2-core CPU, trained in float32): 0.92M-param 4-layer h128
+    """A tiny float32 pair for tests (~2 min on a 2-core CPU): 0.92M-param 4-layer h128
     target (vocab 512, head_dim 32) + 0.23M-param 1-layer block-8 drafter (run it with
     num_speculative_tokens=7). Writes out_dir/{target,drafter}."""
     return build_pair(out_dir, TEST_TARGET, TEST_DRAFTER, seed=seed, log=log)
