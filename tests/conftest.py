@@ -37,42 +37,21 @@ def tiny_pair(tmp_path_factory):
     return target, drafter
 
 
-_MP = "VLLM_ENABLE_V1_MULTIPROCESSING"
-
-
 def make_llm(model: str, *, multiprocess: bool = False, **kw):
     """A vLLM engine on `model` with the tests' defaults (ENGINE_KW) and `kw`.
 
     By default the engine runs inside the test process (vLLM's in-process
-    engine core and its one-process executor): starting one takes ~6 s
-    instead of ~40 s of process spawns and imports on 2 cores, which is most
-    of the suite's time. `multiprocess=True` (and TP > 1) starts the engine
-    core and workers as processes, as `vllm.LLM` does by default; the server
-    tests always run vLLM's multiprocess path."""
-    import gc
-
-    from vllm import LLM, envs
+    engine core and its one-process executor, vllm_bastion.tools.engines):
+    starting one takes ~6 s instead of ~40 s of process spawns and imports on
+    2 cores, which is most of the suite's time. `multiprocess=True` (and
+    TP > 1) starts the engine core and workers as processes, as `vllm.LLM`
+    does by default; the server tests always run vLLM's multiprocess path."""
+    from vllm_bastion.tools.engines import start_llm
 
     args = dict(ENGINE_KW)
     args.update(kw)
-    # an in-process engine freezes the GC heap at start-up: let engines shut
-    # down earlier be collected (their KV caches) before this one freezes it
-    gc.unfreeze()
-    gc.collect()
-    inproc = not multiprocess and args.get("tensor_parallel_size", 1) == 1
-    if inproc:
-        args.setdefault("distributed_executor_backend", "uni")
-    old = os.environ.get(_MP)
-    os.environ[_MP] = "0" if inproc else "1"
-    try:  # read while the engine starts; everything else keeps vLLM's default
-        return LLM(model=model, **args)
-    finally:
-        if old is None:
-            os.environ.pop(_MP, None)
-        else:
-            os.environ[_MP] = old
-        # an in-process engine starts caching vLLM's env vars: read them afresh
-        envs.disable_envs_cache()
+    in_process = not multiprocess and args.get("tensor_parallel_size", 1) == 1
+    return start_llm(model, in_process=in_process, **args)
 
 
 def shutdown(llm) -> None:

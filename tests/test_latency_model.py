@@ -423,3 +423,27 @@ def test_probe_plan():
     plan = probe_plan(batch_sizes=(1, 64), nodes_per_request=(0, 255), contexts=(128,), max_tokens=4096)
     assert [len(p) for p in plan] == [1, 1, 64]
     assert plan[1][0] == (256, 128)
+
+
+def test_probe_timing_spends_little_on_long_forwards():
+    from vllm_bastion.calibration import LONG_S, REPEATS, WARMUP, median_forward_seconds
+
+    def scripted(times):
+        calls = []
+
+        def forward():
+            calls.append(times[len(calls)])
+            return calls[-1]
+        return forward, calls
+
+    # short forwards (a GPU, a small model): WARMUP warm-ups, then REPEATS timed runs
+    fwd, calls = scripted([0.05, 0.01, 0.012, 0.010, 0.011])
+    assert median_forward_seconds(fwd) == pytest.approx(0.011)
+    assert len(calls) == WARMUP + REPEATS
+    # a long forward (a big model on a slow CPU): one warm-up, one timed run
+    fwd, calls = scripted([3.0, 2.0])
+    assert median_forward_seconds(fwd) == 2.0 and len(calls) == 2
+    # in between: timed runs until they add up to LONG_S
+    mid = LONG_S * 0.6
+    fwd, calls = scripted([LONG_S * 1.2, mid, mid])
+    assert median_forward_seconds(fwd) == pytest.approx(mid) and len(calls) == 3

@@ -29,6 +29,13 @@ from vllm_bastion.profiles import load_device_prior, load_profile_entry, save_pr
 PROBE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PROBE_CONTEXTS = (64, 512, 2048)
 WARMUP, REPEATS = 2, 3
+# Slow devices: a forward that takes LONG_S needs one warm-up and one timed
+# run (its start-up and the timer's noise are small against it), and once a
+# shape takes CAP_S the larger token counts at that context are not probed:
+# the forward is compute-bound there and the fit extrapolates in FLOPs. (On a
+# 2-core AVX2 CPU a 256-token forward of a 0.36B-parameter target takes ~20 s
+# and the full grid took 4 minutes; on a GPU every shape is far below both.)
+LONG_S, CAP_S = 0.25, 1.0
 
 
 def device_name(device: torch.device) -> str:
@@ -91,9 +98,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def median_forward_seconds(forward) -> float:
+    """Median seconds of `forward()` (which returns its own seconds) after
+    warm-up: WARMUP warm-ups and REPEATS timed runs for short forwards; one
+    warm-up, and timed runs only until they add up to LONG_S, for long ones."""
+    if forward() < LONG_S:
+        for _ in range(WARMUP - 1):
+            forward()
+    times = []
+    while len(times) < REPEATS and sum(times) < LONG_S:
+        times.append(forward())
+    return float(np.median(times))
+
+
 @torch.inference_mode()
 def probe(runner, tokens=PROBE_TOKENS, contexts=PROBE_CONTEXTS, progress: bool = True):
-    """Time the target's forward + LM head for single-request (s, c) shapes.
+    """Time the target's forward + LM head for single-request (s, c) shapes
+    (token counts up to the first that takes CAP_S, per context).
 
     Runs vLLM's `_dummy_run` (no KV writes: its slots are -1) with the
     request's context spread over distinct KV blocks, so attention reads as
@@ -114,6 +135,11 @@ def probe(runner, tokens=PROBE_TOKENS, contexts=PROBE_CONTEXTS, progress: bool =
             it = tqdm(plan, desc="BASTION calibration probe", leave=False)
         except ImportError:
             pass
+    group = _tp_group()
+
+    def share(x):
+        return x if group is None else group.broadcast_object(x, src=0)
+
     drafter = getattr(runner, "drafter", None)
     tables = runner.input_batch.block_table.block_tables
     saved = [bt.block_table.cpu[0].clone() for bt in tables]
@@ -125,9 +151,12 @@ def probe(runner, tokens=PROBE_TOKENS, contexts=PROBE_CONTEXTS, progress: bool =
             width = bt.block_table.cpu.shape[1]
             nblk = min(width, runner.kv_cache_config.num_blocks)
             bt.block_table.cpu[0, :nblk] = torch.arange(nblk, dtype=bt.block_table.cpu.dtype)
+        capped = set()  # contexts at which a shape took CAP_S
         for s, c in it:
-            times = []
-            for r in range(WARMUP + REPEATS):
+            if c in capped:
+                continue
+
+            def forward():
                 _sync(runner.device)
                 t0 = time.perf_counter()
                 hidden, _ = runner._dummy_run(
@@ -136,9 +165,13 @@ def probe(runner, tokens=PROBE_TOKENS, contexts=PROBE_CONTEXTS, progress: bool =
                 )
                 runner.model.compute_logits(hidden[:s])
                 _sync(runner.device)
-                if r >= WARMUP:
-                    times.append(time.perf_counter() - t0)
-            samples.append(([(s, c)], float(np.median(times))))
+                # with TP every rank runs the same forwards: rank 0's timings decide
+                return share(time.perf_counter() - t0)
+
+            t = median_forward_seconds(forward)
+            samples.append(([(s, c)], t))
+            if t >= CAP_S:
+                capped.add(c)
     finally:
         if drafter is not None:
             drafter._bastion_skip_dummy = False

@@ -181,29 +181,36 @@ def request_lengths(n: int, mean: int, spread: float) -> list[int]:
 
 def run_method(method: str, target: str, drafter: str, prompts: list[str], *, batch_size: int,
                max_tokens: int, depth: int, enforce_eager: bool, bastion: dict | None = None,
-               warmup_prompts: list[str] = (), max_model_len: int = 2048) -> dict:
+               warmup_prompts: list[str] = (), max_model_len: int = 2048,
+               in_process: bool = False) -> dict:
     """Generate `prompts` with one method, `batch_size` requests in flight
     (after an untimed warm-up on `warmup_prompts`)."""
     return run_method_batches(method, target, drafter, {batch_size: prompts}, max_tokens=max_tokens,
                               depth=depth, enforce_eager=enforce_eager, bastion=bastion,
-                              warmup_prompts=warmup_prompts, max_model_len=max_model_len)[0]
+                              warmup_prompts=warmup_prompts, max_model_len=max_model_len,
+                              in_process=in_process)[0]
 
 
 def run_method_batches(method: str, target: str, drafter: str, prompts: dict[int, list[str]], *,
                        max_tokens: int, depth: int, enforce_eager: bool, bastion: dict | None = None,
                        warmup_prompts: list[str] = (), max_model_len: int = 2048,
-                       length_spread: float = 0.0) -> list[dict]:
+                       length_spread: float = 0.0, in_process: bool = False) -> list[dict]:
     """One engine for `method`; for every batch size b in `prompts` (in
     order), generate prompts[b] with b requests in flight (generate_concurrent),
     timed separately (after one untimed warm-up on `warmup_prompts`, which
     also compiles). Request i generates request_lengths(.., max_tokens,
     length_spread)[i] tokens. A BASTION engine keeps what it learned from one
-    batch size to the next, as a server does when its load changes."""
-    from vllm import LLM, SamplingParams
+    batch size to the next, as a server does when its load changes.
+    `in_process`: the engine core and worker run in this process
+    (tools/engines.py), not as vLLM's default processes."""
+    from vllm import SamplingParams
 
-    llm = LLM(model=target, max_model_len=max_model_len, seed=0, enforce_eager=enforce_eager,
-              max_num_seqs=max(max(prompts), 4), disable_log_stats=False,
-              speculative_config=speculative_config(method, drafter, depth, bastion))
+    from vllm_bastion.tools.engines import start_llm
+
+    llm = start_llm(target, in_process=in_process, max_model_len=max_model_len, seed=0,
+                    enforce_eager=enforce_eager, max_num_seqs=max(max(prompts), 4),
+                    disable_log_stats=False,
+                    speculative_config=speculative_config(method, drafter, depth, bastion))
     sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     is_bastion = method.startswith("bastion")
     results = []
