@@ -136,10 +136,6 @@ def probe(runner, tokens=PROBE_TOKENS, contexts=PROBE_CONTEXTS, progress: bool =
         except ImportError:
             pass
     group = _tp_group()
-
-    def share(x):
-        return x if group is None else group.broadcast_object(x, src=0)
-
     drafter = getattr(runner, "drafter", None)
     tables = runner.input_batch.block_table.block_tables
     saved = [bt.block_table.cpu[0].clone() for bt in tables]
@@ -166,7 +162,7 @@ def probe(runner, tokens=PROBE_TOKENS, contexts=PROBE_CONTEXTS, progress: bool =
                 runner.model.compute_logits(hidden[:s])
                 _sync(runner.device)
                 # with TP every rank runs the same forwards: rank 0's timings decide
-                return share(time.perf_counter() - t0)
+                return _from_rank0(group, time.perf_counter() - t0)
 
             t = median_forward_seconds(forward)
             samples.append(([(s, c)], t))
@@ -245,6 +241,11 @@ def _tp_group():
     return group if group.world_size > 1 else None
 
 
+def _from_rank0(group, obj):
+    """`obj` as TP rank 0 has it (every rank calls this in lockstep); `obj` without TP."""
+    return obj if group is None else group.broadcast_object(obj, src=0)
+
+
 def startup_model(runner, *, calibrate: bool, device_profile: str | None, log=None
                   ) -> tuple[LatencyModel, str, float | None]:
     """The latency model the engine starts with, made once and shared.
@@ -257,14 +258,11 @@ def startup_model(runner, *, calibrate: bool, device_profile: str | None, log=No
     group = _tp_group()
     rank0 = group is None or group.rank_in_group == 0
 
-    def share(obj):
-        return obj if group is None else group.broadcast_object(obj, src=0)
-
     if not calibrate:
         shape = model_shape(runner.vllm_config)
         prior = resolve_prior(runner, device_profile)
         model = LatencyModel.from_prior(shape, prior, t_fix=probe_drafter(runner))
-        model = share(model.to_dict() if rank0 else None)
+        model = _from_rank0(group, model.to_dict() if rank0 else None)
         return LatencyModel.from_dict(model), f"uncalibrated prior {prior.name}", None
     shape = model_shape(runner.vllm_config)
     prior = resolve_prior(runner, device_profile)
@@ -272,7 +270,7 @@ def startup_model(runner, *, calibrate: bool, device_profile: str | None, log=No
     key["prior"] = prior.name
     path = cache_file()
     cached = load_profile_entry(path, key) if rank0 else None
-    cached = share(None if cached is None else (cached[0].to_dict(), cached[1]))
+    cached = _from_rank0(group, None if cached is None else (cached[0].to_dict(), cached[1]))
     if cached is not None:
         return LatencyModel.from_dict(cached[0]), f"cached fit from {path}", cached[1]
     t0 = time.perf_counter()
@@ -287,6 +285,6 @@ def startup_model(runner, *, calibrate: bool, device_profile: str | None, log=No
             if log is not None:
                 log.warning("BASTION could not cache the calibration at %s: %s", path, e)
         out = (fit.model.to_dict(), fit.mape)
-    model_d, mape = share(out)
+    model_d, mape = _from_rank0(group, out)
     return (LatencyModel.from_dict(model_d),
             f"probed {len(samples)} shapes in {time.perf_counter() - t0:.1f}s", mape)
