@@ -161,15 +161,21 @@ def test_difftest_slice_has_no_mismatch(engines, prompts):
         # BASTION's keyed sampling); here: all drafting switched off at random
         bas.collective_rpc(install_random_budget, args=(20 + batch, 0.0))
         try:
-            never = run_offline(bas, prompts, "seeded", batch, MAX_TOKENS)
+            never = run_offline(bas, prompts, "seeded", batch, MAX_TOKENS, logprobs=True)
         finally:
             bas.collective_rpc(remove_random_budget)
         row = compare("bastion", "offline", "seeded", batch, prompts, never, seeded, 0.25, 0.0)
         assert row.counts["none"] == len(prompts), row
+        # the classifier's seeded margins are real: the race it recomputes
+        # from the reference's log-probs and the keyed noise picks every
+        # token the engine emitted
+        assert all(o.race is not None and len(o.race.logprobs) == len(o.tokens) for o in never)
+        assert [[o.race.winner(j) for j in range(len(o.tokens))] for o in never] == \
+            [o.tokens for o in never]
 
 
 def test_divergence_classifier():
-    from vllm_bastion.tools.difftest import classify
+    from vllm_bastion.tools.difftest import SeededRace, classify
 
     ref = Output([5, 6, 7], top2=[(-0.1, -3.0), (-0.69, -0.70), (-0.2, -2.0)])
     assert classify(ref, Output([5, 6, 7]), 0.25) == ("none", None)
@@ -177,6 +183,20 @@ def test_divergence_classifier():
     assert cause == "near-tie" and margin == pytest.approx(0.01)
     assert classify(ref, Output([4, 6, 7]), 0.25)[0] == "other"
     assert classify(Output([5, 6]), Output([5, 6, 8]), 0.25)[0] == "other"  # no margin known
+
+    # seeded: the margin of the reference's exponential race, in logit units
+    race = SeededRace(seed=5, start=10, logprobs=[{1: -0.5, 2: -1.0, 3: -5.0}])
+    scores = race.scores(0)
+    assert set(scores) == {1, 2}  # top-p 0.9 at T 0.8 drops token 3
+    win = race.winner(0)
+    lose = 3 - win
+    margin = scores[win] - scores[lose]
+    assert margin > 0
+    ref = Output([7, win], race=SeededRace(5, 9, [{7: 0.0}, {1: -0.5, 2: -1.0, 3: -5.0}]))
+    assert ref.race.scores(1) == scores  # keyed by absolute position: start + j
+    assert classify(ref, Output([7, lose]), margin + 1e-6) == ("near-tie", pytest.approx(margin))
+    assert classify(ref, Output([7, lose]), margin - 1e-6)[0] == "other"
+    assert classify(ref, Output([7, 3]), 100.0) == ("other", None)  # outside the race
 
 
 # ------------------------------------------------------------------ the server

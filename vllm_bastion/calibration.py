@@ -178,21 +178,23 @@ def probe(runner, tokens=PROBE_TOKENS, contexts=PROBE_CONTEXTS, progress: bool =
 
 
 @torch.inference_mode()
-def probe_drafter(runner, batch_sizes=(1, 4)) -> float:
-    """Seconds of one drafter forward (context precompute + query block), batch 1."""
+def probe_drafter(runner) -> float:
+    """Seconds of one drafter forward (context precompute + query block), batch 1,
+    timed as the target's shapes are (`median_forward_seconds`, rank 0's timings)."""
     drafter = getattr(runner, "drafter", None)
     if drafter is None:
         return 0.0
     D = getattr(drafter, "draft_depth", drafter.num_speculative_tokens)
-    times = []
-    for r in range(WARMUP + REPEATS):
+    group = _tp_group()
+
+    def forward():
         _sync(runner.device)
         t0 = time.perf_counter()
         drafter.dummy_run(1 + D, use_cudagraphs=False)
         _sync(runner.device)
-        if r >= WARMUP:
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        return _from_rank0(group, time.perf_counter() - t0)
+
+    return median_forward_seconds(forward)
 
 
 def calibrate(runner, *, device_profile: str | None = None, use_cache: bool = True,

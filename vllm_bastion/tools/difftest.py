@@ -16,10 +16,14 @@ The machinery behind `scripts/difftest.py` and tests/test_e2e_lossless.py:
   exact seeded tokens; tests/test_e2e_sampling.py checks the law);
 * the server path: BASTION behind the OpenAI server with concurrent clients
   (as many as the batch size), compared with the offline reference;
-* classification of every request: `none` (identical), `near-tie` (the
-  first divergence is at a position where the reference's top-1 and top-2
-  log-probs differ by at most `tie_bound`; for seeded sampling, where the
-  exponential race between the two tokens is that close), `other`.
+* classification of every request: `none` (identical), `near-tie` (at the
+  first divergence the reference's token beat the emitted one by at most
+  `tie_bound` logit units: for greedy, the reference's top-1/top-2 log-prob
+  margin; for seeded sampling, the margin of its exponential race, recomputed
+  from the reference's top-k log-probs and BASTION's keyed noise), `other`.
+  Near-ties are what bf16 rounding can flip: rows of a prefill chunk depend
+  on where the chunk starts and ends, and with chunked prefill that depends
+  on how many tokens the rest of the step takes (verify rows among them).
 """
 
 from __future__ import annotations
@@ -199,27 +203,69 @@ class EngineSpec:
         return kw
 
 
+# seeded sampling: every request's parameters; its seed is SEED_BASE + its index
+SEEDED = dict(temperature=0.8, top_p=0.9, top_k=20)
+SEED_BASE = 1000
+
+
 def sampling_params(mode: str, max_tokens: int, index: int, *, logprobs: int | None = None):
     from vllm import SamplingParams
 
     if mode == "greedy":
         return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                               logprobs=logprobs)
-    return SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=1000 + index,
-                          max_tokens=max_tokens, ignore_eos=True)
+    return SamplingParams(**SEEDED, seed=SEED_BASE + index, max_tokens=max_tokens,
+                          ignore_eos=True, logprobs=logprobs)
 
 
 def request_body(mode: str, max_tokens: int, index: int) -> dict:
     body = {"max_tokens": max_tokens, "ignore_eos": True, "return_token_ids": True}
     if mode == "greedy":
         return {**body, "temperature": 0.0}
-    return {**body, "temperature": 0.8, "top_p": 0.9, "top_k": 20, "seed": 1000 + index}
+    return {**body, **SEEDED, "seed": SEED_BASE + index}
+
+
+@dataclasses.dataclass
+class SeededRace:
+    """What a seeded reference request's exponential race was at each
+    generated position: the raw log-probs of its top-k tokens (the only ones
+    top-k lets run) and the keys of BASTION's noise (sampling.py), from which
+    every runner's race score is recomputed exactly."""
+
+    seed: int
+    start: int  # absolute position of the first generated token (the prompt length)
+    logprobs: list[dict[int, float]]  # per generated position: token id -> raw log-prob
+    temperature: float = SEEDED["temperature"]
+    top_p: float = SEEDED["top_p"]
+
+    def scores(self, j: int) -> dict[int, float]:
+        """Race scores at generated position j, in logit units: T * log(p / E)
+        up to a per-position constant, for the tokens top-k and top-p keep
+        (vLLM's rule: ascending cumulative probability above 1 - top_p)."""
+        import torch
+
+        from vllm_bastion.core.noise import seeded_exponential
+
+        lp = self.logprobs[j]
+        ids = sorted(lp, key=lp.get)  # ascending, as vLLM sorts
+        x = torch.tensor([lp[i] for i in ids], dtype=torch.float64) / self.temperature
+        cum = torch.cumsum(torch.softmax(x, 0), 0)
+        keep = cum > 1 - self.top_p
+        keep[-1] = True
+        e = seeded_exponential(torch.tensor([self.seed]), torch.tensor([self.start + j]),
+                               max(ids) + 1)[0].double()
+        return {i: lp[i] - self.temperature * math.log(e[i]) for i, k in zip(ids, keep.tolist()) if k}
+
+    def winner(self, j: int) -> int:
+        s = self.scores(j)
+        return max(s, key=s.get)
 
 
 @dataclasses.dataclass
 class Output:
     tokens: list[int]
     top2: list[tuple[float, float]] | None = None  # reference greedy: top-1/top-2 log-probs
+    race: SeededRace | None = None  # reference seeded: the race at every position
 
 
 def _top2(logprobs) -> list[tuple[float, float]] | None:
@@ -232,19 +278,30 @@ def _top2(logprobs) -> list[tuple[float, float]] | None:
     return out
 
 
+def _output(mode: str, index: int, prompt: Prompt, completion) -> Output:
+    tokens, lps = list(completion.token_ids), completion.logprobs
+    if mode == "greedy" or not lps:
+        return Output(tokens, _top2(lps))
+    race = SeededRace(SEED_BASE + index, len(prompt.token_ids),
+                      [{t: v.logprob for t, v in lp.items() if v.logprob > -math.inf} for lp in lps])
+    return Output(tokens, race=race)
+
+
 def run_offline(llm, prompts: list[Prompt], mode: str, batch_size: int, max_tokens: int,
                 *, logprobs: bool = False) -> list[Output]:
-    """Generate every prompt, `batch_size` requests submitted together."""
+    """Generate every prompt, `batch_size` requests submitted together; with
+    `logprobs`, what classifies a divergence from this run (top-2 log-probs
+    for greedy, the race for seeded)."""
     from vllm import TokensPrompt
 
+    n_lp = (2 if mode == "greedy" else SEEDED["top_k"]) if logprobs else None
     outs: list[Output] = []
     for i in range(0, len(prompts), batch_size):
         group = prompts[i : i + batch_size]
-        sps = [sampling_params(mode, max_tokens, i + j, logprobs=2 if logprobs else None)
-               for j in range(len(group))]
+        sps = [sampling_params(mode, max_tokens, i + j, logprobs=n_lp) for j in range(len(group))]
         res = llm.generate([TokensPrompt(prompt_token_ids=p.token_ids) for p in group], sps,
                            use_tqdm=False)
-        outs += [Output(list(r.outputs[0].token_ids), _top2(r.outputs[0].logprobs)) for r in res]
+        outs += [_output(mode, i + j, p, r.outputs[0]) for j, (p, r) in enumerate(zip(group, res))]
     return outs
 
 
@@ -275,8 +332,13 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 
 
 def classify(ref: Output, got: Output, bound: float) -> tuple[str, float | None]:
-    """(cause, margin): the reference's top-1/top-2 log-prob margin at the
-    first divergence (greedy); None where no margin is known."""
+    """(cause, margin) of `got` against the reference: the margin at the first
+    divergence by which the reference's token beat the one `got` emitted, in
+    logit units (greedy: the reference's top-1/top-2 log-prob difference;
+    seeded: the difference of the two tokens' race scores, T * log(p / E)),
+    so that one bound holds for both: a logits row off by d in every entry
+    moves either margin by at most 2d. None where no margin is known (no
+    logprobs recorded, or `got`'s token was not in the reference's race)."""
     j = first_divergence(ref.tokens, got.tokens)
     if j is None:
         return "none", None
@@ -284,6 +346,12 @@ def classify(ref: Output, got: Output, bound: float) -> tuple[str, float | None]
         a, b = ref.top2[j]
         margin = a - b
         return ("near-tie" if margin <= bound else "other"), margin
+    if ref.race is not None and j < min(len(ref.race.logprobs), len(got.tokens)):
+        scores = ref.race.scores(j)
+        mine, theirs = ref.tokens[j], got.tokens[j]
+        if theirs in scores and mine in scores:
+            margin = scores[mine] - scores[theirs]
+            return ("near-tie" if margin <= bound else "other"), margin
     return "other", None
 
 
@@ -390,7 +458,7 @@ def run_matrix(m: Matrix, log=print, on_row=None) -> list[Row]:
                         for mode in modes:
                             for b in m.batch_sizes:
                                 refs[(mode, b)] = run_offline(llm, prompts, mode, b, m.max_tokens,
-                                                              logprobs=mode == "greedy")
+                                                              logprobs=True)
                     finally:
                         _shutdown(llm)
                 for tree in m.trees:
