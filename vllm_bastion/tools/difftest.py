@@ -192,6 +192,7 @@ class EngineSpec:
     def engine_kwargs(self, target: str, drafter: str, dtype: str) -> dict:
         kw = dict(model=target, dtype=dtype, max_model_len=self.max_model_len, seed=0,
                   max_num_seqs=self.max_num_seqs, enforce_eager=self.eager,
+                  max_logprobs=RACE_LOGPROBS,
                   enable_prefix_caching=self.prefix_caching,
                   enable_chunked_prefill=self.chunked_prefill,
                   # chunked: a small budget, so long prompts are prefilled in
@@ -206,6 +207,10 @@ class EngineSpec:
 # seeded sampling: every request's parameters; its seed is SEED_BASE + its index
 SEEDED = dict(temperature=0.8, top_p=0.9, top_k=20)
 SEED_BASE = 1000
+# log-probs a seeded reference records per position: more than top_k, so that
+# tokens tied with the k-th (vLLM's top-k keeps them all) are seen; engines
+# running references allow this many (vLLM's default max_logprobs is 20)
+RACE_LOGPROBS = SEEDED["top_k"] + 8
 
 
 def sampling_params(mode: str, max_tokens: int, index: int, *, logprobs: int | None = None):
@@ -237,28 +242,63 @@ class SeededRace:
     logprobs: list[dict[int, float]]  # per generated position: token id -> raw log-prob
     temperature: float = SEEDED["temperature"]
     top_p: float = SEEDED["top_p"]
+    top_k: int = SEEDED["top_k"]
 
-    def scores(self, j: int) -> dict[int, float]:
+    def scores(self, j: int) -> dict[int, float] | None:
         """Race scores at generated position j, in logit units: T * log(p / E)
-        up to a per-position constant, for the tokens top-k and top-p keep
-        (vLLM's rule: ascending cumulative probability above 1 - top_p)."""
+        up to a per-position constant, for every token that top-k and top-p
+        may keep by vLLM's rules: top-k keeps every token tied with the k-th
+        largest; top-p sorts ascending and drops the tokens whose cumulative
+        probability is at most 1 - top_p. None where the recorded log-probs
+        cannot tell the top-k set (every recorded token ties the k-th)."""
+        race = self._race(j)
+        return None if race is None else race[0]
+
+    def undecided(self, j: int) -> frozenset[int]:
+        """The tokens of `scores(j)` that top-p may or may not drop: tied
+        tokens straddling its cut, whose order (torch's CPU sort is not
+        stable) decides which of them stay."""
+        race = self._race(j)
+        return frozenset() if race is None else race[1]
+
+    def winner(self, j: int) -> int | None:
+        """The token the race picks; None where that depends on the order of
+        tied tokens at the top-p cut, or the top-k set is unknown."""
+        race = self._race(j)
+        if race is None:
+            return None
+        scores, undecided = race
+        best = max(scores, key=scores.get)
+        return None if best in undecided else best
+
+    def _race(self, j: int) -> tuple[dict[int, float], frozenset[int]] | None:
         import torch
 
         from vllm_bastion.core.noise import seeded_exponential
 
         lp = self.logprobs[j]
-        ids = sorted(lp, key=lp.get)  # ascending, as vLLM sorts
-        x = torch.tensor([lp[i] for i in ids], dtype=torch.float64) / self.temperature
-        cum = torch.cumsum(torch.softmax(x, 0), 0)
-        keep = cum > 1 - self.top_p
-        keep[-1] = True
+        kth = sorted(lp.values(), reverse=True)[min(self.top_k, len(lp)) - 1]
+        if len(lp) >= RACE_LOGPROBS and min(lp.values()) >= kth:
+            return None
+        values = sorted({v for v in lp.values() if v >= kth})  # ascending, one per tie group
+        group = [[i for i in lp if lp[i] == v] for v in values]
+        x = torch.tensor(values, dtype=torch.float64) / self.temperature
+        n = torch.tensor([len(g) for g in group], dtype=torch.float64)
+        prob = torch.exp(x - torch.logsumexp(x + n.log(), 0))  # one member's probability
+        before = torch.cumsum(n * prob, 0) - n * prob  # cumulative probability below the group
+        # members (in the sorted order, 1-based r) dropped: before + r * prob <= 1 - top_p
+        dropped = ((1 - self.top_p - before) / prob).floor().clamp(0) if self.top_p < 1 else 0 * n
+        dropped[-1] = torch.clamp(dropped[-1], max=n[-1] - 1)  # vLLM keeps at least one
+        scores, undecided = {}, set()
         e = seeded_exponential(torch.tensor([self.seed]), torch.tensor([self.start + j]),
-                               max(ids) + 1)[0].double()
-        return {i: lp[i] - self.temperature * math.log(e[i]) for i, k in zip(ids, keep.tolist()) if k}
-
-    def winner(self, j: int) -> int:
-        s = self.scores(j)
-        return max(s, key=s.get)
+                               max(lp) + 1)[0].double()
+        for g, d in zip(group, dropped.tolist()):
+            if d >= len(g):
+                continue
+            if d > 0:
+                undecided.update(g)
+            scores.update({i: lp[i] - self.temperature * math.log(e[i]) for i in g})
+        return scores, frozenset(undecided)
 
 
 @dataclasses.dataclass
@@ -294,7 +334,7 @@ def run_offline(llm, prompts: list[Prompt], mode: str, batch_size: int, max_toke
     for greedy, the race for seeded)."""
     from vllm import TokensPrompt
 
-    n_lp = (2 if mode == "greedy" else SEEDED["top_k"]) if logprobs else None
+    n_lp = (2 if mode == "greedy" else RACE_LOGPROBS) if logprobs else None
     outs: list[Output] = []
     for i in range(0, len(prompts), batch_size):
         group = prompts[i : i + batch_size]
@@ -347,10 +387,14 @@ def classify(ref: Output, got: Output, bound: float) -> tuple[str, float | None]
         margin = a - b
         return ("near-tie" if margin <= bound else "other"), margin
     if ref.race is not None and j < min(len(ref.race.logprobs), len(got.tokens)):
-        scores = ref.race.scores(j)
+        scores = ref.race.scores(j) or {}
         mine, theirs = ref.tokens[j], got.tokens[j]
         if theirs in scores and mine in scores:
             margin = scores[mine] - scores[theirs]
+            if margin < 0 and theirs in ref.race.undecided(j):
+                # the reference's top-p dropped `theirs` among tokens tied
+                # exactly at its cut: decided by the order of equal logits
+                return "near-tie", 0.0
             return ("near-tie" if margin <= bound else "other"), margin
     return "other", None
 
@@ -461,6 +505,7 @@ def run_matrix(m: Matrix, log=print, on_row=None) -> list[Row]:
                                                               logprobs=True)
                     finally:
                         _shutdown(llm)
+                rows += _batch_variance_rows(m, base, prompts, refs, bound, log, on_row)
                 for tree in m.trees:
                     spec = EngineSpec(tree=tree, **base)
                     t0 = time.time()
@@ -483,6 +528,31 @@ def run_matrix(m: Matrix, log=print, on_row=None) -> list[Row]:
                         rows += _server_rows(m, spec, target, drafter, dtype, prompts, refs, bound,
                                              log, on_row)
     return rows
+
+
+def _batch_variance_rows(m, base, prompts, refs, bound, log, on_row) -> list[Row]:
+    """vLLM's own batch variance, for scale: each reference at every batch
+    size against itself at the first one (interface "vs b<first>"; not
+    BASTION's mismatches, so not counted by `bastion_other`)."""
+    out = []
+    b0 = m.batch_sizes[0]
+    for mode, tree in (("greedy", None), ("seeded", "never")):
+        label = EngineSpec(tree=tree, **base).label
+        for b in m.batch_sizes[1:]:
+            if (mode, b) not in refs or (mode, b0) not in refs:
+                continue
+            row = compare(label, f"vs b{b0}", mode, b, prompts, refs[(mode, b0)], refs[(mode, b)],
+                          bound, 0.0)
+            out.append(row)
+            log(_row_line(row))
+            if on_row:
+                on_row(row)
+    return out
+
+
+def bastion_other(rows: list[Row]) -> int:
+    """'other' mismatches of BASTION against its references (the exit status)."""
+    return sum(r.counts["other"] for r in rows if not r.interface.startswith("vs "))
 
 
 def _server_rows(m, spec, target, drafter, dtype, prompts, refs, bound, log, on_row):
@@ -536,11 +606,11 @@ def format_table(rows: list[Row]) -> str:
     tot = {c: 0 for c in CAUSES}
     for (e, i, md), a in agg.items():
         for c in CAUSES:
-            tot[c] += a[c]
+            tot[c] += 0 if i.startswith("vs ") else a[c]
         ties = [x for x in a["margins"]]
         lines.append(f"{e:<48} {i:<7} {md:<6} {','.join(map(str, a['batches'])):<12} {a['none']:>6} "
                      f"{a['near-tie']:>8} {a['other']:>6} "
                      f"{(max(ties) if ties else float('nan')):>14.4g}")
-    lines.append(f"{'TOTAL':<48} {'':<7} {'':<6} {'':<12} {tot['none']:>6} {tot['near-tie']:>8} "
+    lines.append(f"{'TOTAL (BASTION)':<48} {'':<7} {'':<6} {'':<12} {tot['none']:>6} {tot['near-tie']:>8} "
                  f"{tot['other']:>6}")
     return "\n".join(lines)
