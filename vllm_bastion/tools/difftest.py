@@ -550,9 +550,14 @@ def _batch_variance_rows(m, base, prompts, refs, bound, log, on_row) -> list[Row
     return out
 
 
+def _is_variance(interface: str) -> bool:
+    """A row of `_batch_variance_rows` (vLLM against itself), not BASTION's."""
+    return interface.startswith("vs ")
+
+
 def bastion_other(rows: list[Row]) -> int:
     """'other' mismatches of BASTION against its references (the exit status)."""
-    return sum(r.counts["other"] for r in rows if not r.interface.startswith("vs "))
+    return sum(r.counts["other"] for r in rows if not _is_variance(r.interface))
 
 
 def _server_rows(m, spec, target, drafter, dtype, prompts, refs, bound, log, on_row):
@@ -606,7 +611,7 @@ def format_table(rows: list[Row]) -> str:
     tot = {c: 0 for c in CAUSES}
     for (e, i, md), a in agg.items():
         for c in CAUSES:
-            tot[c] += 0 if i.startswith("vs ") else a[c]
+            tot[c] += 0 if _is_variance(i) else a[c]
         ties = [x for x in a["margins"]]
         lines.append(f"{e:<48} {i:<7} {md:<6} {','.join(map(str, a['batches'])):<12} {a['none']:>6} "
                      f"{a['near-tie']:>8} {a['other']:>6} "
