@@ -200,7 +200,10 @@ def test_divergence_classifier():
     assert ref.race.scores(1) == scores  # keyed by absolute position: start + j
     assert classify(ref, Output([7, lose]), margin + 1e-6) == ("near-tie", pytest.approx(margin))
     assert classify(ref, Output([7, lose]), margin - 1e-6)[0] == "other"
-    assert classify(ref, Output([7, 3]), 100.0) == ("other", None)  # outside the race
+    # top-p dropped token 3 far below its cut: letting it in is a large change
+    cause, margin = classify(ref, Output([7, 3]), 0.25)
+    assert cause == "other" and margin > 1.0
+    assert classify(ref, Output([7, 99]), 100.0) == ("other", None)  # never recorded
     # top-k keeps every token tied with the k-th (as vLLM's rule), which
     # moves the top-p cut; when every recorded token ties the k-th, more may
     # be tied unrecorded: the race is unknown
@@ -220,6 +223,49 @@ def test_divergence_classifier():
     assert und.undecided(0) == {2, 3} and set(und.scores(0)) == {1, 2, 3} and und.winner(0) is None
     ref = Output([1], race=und)
     assert classify(ref, Output([2]), 0.25) == ("near-tie", 0.0)
+
+
+def test_seeded_classifier_measures_membership_flips():
+    """A run whose row is off by a little can keep a token the reference's
+    top-k/top-p dropped (or drop one it kept): the seeded margin is the
+    smallest change that explains the emitted token, membership included."""
+    from vllm_bastion.tools.difftest import SeededRace, classify
+
+    def seeded(lps, want, **kw):  # a seed whose race at position 10 satisfies want(race)
+        for s in range(500):
+            r = SeededRace(s, 10, lps, temperature=1.0, **kw)
+            if want(r.race(0)):
+                return r
+        raise AssertionError("no such seed")
+
+    lps = [{1: -0.1, 2: -2.5, 3: -2.6}]  # p(3) = 0.0698 at T = 1
+    # top-p 0.93 drops token 3 by a hair (its mass 0.0698 <= the cut 0.07)
+    r = seeded(lps, lambda x: max(x.scores, key=x.scores.get) == 3, top_p=0.93, top_k=20)
+    assert 3 not in r.scores(0) and r.race(0).flip[3] < 0.01
+    cause, margin = classify(Output([r.winner(0)], race=r), Output([3]), 0.25)
+    assert cause == "near-tie" and margin == pytest.approx(r.race(0).flip[3])
+    # top-p 0.9305 keeps token 3 by a hair: a run that drops it emits the runner-up,
+    # however far behind it was in the race
+    def runner_up_far(x):
+        s = sorted(x.running, key=x.scores.get, reverse=True)
+        return s[0] == 3 and x.scores[3] - x.scores[s[1]] > 1.0
+    r = seeded(lps, runner_up_far, top_p=0.9305, top_k=20)
+    second = sorted(r.scores(0), key=r.scores(0).get)[-2]
+    cause, margin = classify(Output([3], race=r), Output([second]), 0.25)
+    assert cause == "near-tie" and margin == pytest.approx(r.race(0).flip[3]) and margin < 0.01
+    # far from the cut (top-p 0.99), the same divergence is a real mismatch
+    far = SeededRace(r.seed, 10, lps, temperature=1.0, top_p=0.99, top_k=20)
+    assert far.winner(0) == 3 and classify(Output([3], race=far), Output([second]), 0.25)[0] == "other"
+    # top-k: token 3 is 0.05 below the 2nd largest; a run that lets it in
+    lps = [{1: -1.0, 2: -1.1, 3: -1.15, 4: -5.0}]
+    r = seeded(lps, lambda x: max(x.scores, key=x.scores.get) == 3, top_p=1.0, top_k=2)
+    assert set(r.scores(0)) == {1, 2}
+    cause, margin = classify(Output([r.winner(0)], race=r), Output([3]), 0.25)
+    assert cause == "near-tie" and margin == pytest.approx(0.05)
+    # and a token far below the k-th is not explained by a small change
+    lps = [{1: -1.0, 2: -1.1, 3: -4.0, 4: -5.0}]
+    r = seeded(lps, lambda x: x.scores[3] > max(x.scores[1], x.scores[2]), top_p=1.0, top_k=2)
+    assert classify(Output([r.winner(0)], race=r), Output([3]), 0.25) == ("other", pytest.approx(2.9))
 
 
 # ------------------------------------------------------------------ the server

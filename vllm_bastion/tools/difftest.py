@@ -19,8 +19,11 @@ The machinery behind `scripts/difftest.py` and tests/test_e2e_lossless.py:
 * classification of every request: `none` (identical), `near-tie` (at the
   first divergence the reference's token beat the emitted one by at most
   `tie_bound` logit units: for greedy, the reference's top-1/top-2 log-prob
-  margin; for seeded sampling, the margin of its exponential race, recomputed
-  from the reference's top-k log-probs and BASTION's keyed noise), `other`.
+  margin; for seeded sampling, the smallest change of the reference's logits
+  row that lets the emitted token win its exponential race, recomputed from
+  the reference's top log-probs and BASTION's keyed noise: a race-score gap,
+  or a token's top-k/top-p membership flipping), `other`. Every divergent
+  request is listed (prompt, position, tokens, cause, margin) in its row.
   Near-ties are what bf16 rounding can flip: rows of a prefill chunk depend
   on where the chunk starts and ends, and with chunked prefill that depends
   on how many tokens the rest of the step takes (verify rows among them).
@@ -230,12 +233,101 @@ def request_body(mode: str, max_tokens: int, index: int) -> dict:
     return {**body, **SEEDED, "seed": SEED_BASE + index}
 
 
+@dataclasses.dataclass(frozen=True)
+class Race:
+    """One generated position of a seeded reference's race.
+
+    `scores`: race score (logit units, T * log(p / E) up to a constant) of
+    every recorded token, also of those top-k/top-p left out; `running`: the
+    tokens the race ran (kept, or undecided); `undecided`: tied tokens at the
+    top-p cut (kept or not by the order of equal logits); `flip`: per token,
+    the size of a logits change (in the same units as a score gap: a row off
+    by d in every entry moves a gap by at most 2d) that would flip whether it
+    runs: for a kept token, what drops it (top-k: a token below must pass it;
+    top-p: the log-odds of the mass up to it, scaled by T, must fall to the
+    cut's), for a left-out token what lets it in; 0 for undecided tokens."""
+
+    scores: dict[int, float]
+    running: frozenset[int]
+    undecided: frozenset[int]
+    flip: dict[int, float]
+
+    def explanation(self, token: int) -> float | None:
+        """The smallest change of the reference's logits row (score-gap units)
+        that any one condition for `token` to win needs: `token` runs, and
+        every running token that beat it falls behind or drops out. A lower
+        bound on what explains a run emitting `token`; None if `token` was
+        not recorded."""
+        if token not in self.scores:
+            return None
+        mine = self.scores[token]
+        cost = 0.0 if token in self.running else self.flip[token]
+        for o in self.running:
+            if o != token and self.scores[o] > mine:
+                cost = max(cost, min(self.scores[o] - mine, self.flip[o]))
+        return cost
+
+
+def _log_odds(x: float) -> float:
+    return math.log(x) - math.log1p(-x) if x < 1 else math.inf
+
+
+def race_at(lp: dict[int, float], *, seed: int, position: int, temperature: float,
+            top_p: float, top_k: int) -> Race | None:
+    """The race of one position from the recorded raw log-probs `lp` (token
+    id -> log-prob), by vLLM's rules: top-k keeps every token tied with the
+    k-th largest; top-p sorts the kept ones ascending and drops those whose
+    cumulative probability (at temperature T) is at most 1 - top_p, keeping at
+    least the largest. None where the recorded log-probs cannot tell the top-k
+    set (every recorded token ties the k-th)."""
+    import torch
+
+    from vllm_bastion.core.noise import seeded_exponential
+
+    desc = sorted(lp.values(), reverse=True)
+    kth = desc[min(top_k, len(desc)) - 1]
+    if len(lp) >= RACE_LOGPROBS and desc[-1] >= kth:
+        return None
+    flip: dict[int, float] = {}
+    for i, v in lp.items():  # top-k: the k-th largest of the others must pass i (or i pass it)
+        others = list(desc)
+        others.remove(v)
+        kth_other = others[top_k - 1] if len(others) >= top_k else -math.inf
+        flip[i] = max(0.0, v - kth_other) if v >= kth else kth - v
+    values = sorted({v for v in lp.values() if v >= kth})  # ascending, one per tie group
+    group = [[i for i in lp if lp[i] == v] for v in values]
+    x = torch.tensor(values, dtype=torch.float64) / temperature
+    n = torch.tensor([len(g) for g in group], dtype=torch.float64)
+    prob = torch.exp(x - torch.logsumexp(x + n.log(), 0))  # one member's probability
+    before = torch.cumsum(n * prob, 0) - n * prob  # cumulative probability below the group
+    cut = 1 - top_p
+    # members (in the sorted order, 1-based r) dropped: before + r * prob <= cut
+    dropped = ((cut - before) / prob).floor().clamp(0) if top_p < 1 else 0 * n
+    dropped[-1] = torch.clamp(dropped[-1], max=n[-1] - 1)  # vLLM keeps at least one
+    running, undecided = set(), set()
+    for g, d, b, p, m in zip(group, dropped.tolist(), before.tolist(), prob.tolist(), n.tolist()):
+        if 0 < d < len(g):
+            undecided.update(g)
+            flip.update({i: 0.0 for i in g})
+            running.update(g)
+        elif d >= len(g):  # all dropped by top-p: the most mass up to one of them must pass the cut
+            flip.update({i: temperature * (_log_odds(cut) - _log_odds(b + m * p)) for i in g})
+        else:
+            running.update(g)
+            if top_p < 1 and not (g is group[-1] and len(g) == 1):  # the largest always stays
+                out = temperature * (_log_odds(b + p) - _log_odds(cut))
+                flip.update({i: min(flip[i], out) for i in g})
+    e = seeded_exponential(torch.tensor([seed]), torch.tensor([position]), max(lp) + 1)[0].double()
+    scores = {i: v - temperature * math.log(e[i]) for i, v in lp.items()}
+    return Race(scores, frozenset(running), frozenset(undecided), flip)
+
+
 @dataclasses.dataclass
 class SeededRace:
     """What a seeded reference request's exponential race was at each
-    generated position: the raw log-probs of its top-k tokens (the only ones
-    top-k lets run) and the keys of BASTION's noise (sampling.py), from which
-    every runner's race score is recomputed exactly."""
+    generated position: the raw log-probs of its top tokens (more than top-k,
+    see RACE_LOGPROBS) and the keys of BASTION's noise (sampling.py), from
+    which every runner's race is recomputed exactly (`race_at`)."""
 
     seed: int
     start: int  # absolute position of the first generated token (the prompt length)
@@ -243,62 +335,35 @@ class SeededRace:
     temperature: float = SEEDED["temperature"]
     top_p: float = SEEDED["top_p"]
     top_k: int = SEEDED["top_k"]
+    _races: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def race(self, j: int) -> Race | None:
+        if j not in self._races:
+            self._races[j] = race_at(self.logprobs[j], seed=self.seed, position=self.start + j,
+                                     temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return self._races[j]
 
     def scores(self, j: int) -> dict[int, float] | None:
-        """Race scores at generated position j, in logit units: T * log(p / E)
-        up to a per-position constant, for every token that top-k and top-p
-        may keep by vLLM's rules: top-k keeps every token tied with the k-th
-        largest; top-p sorts ascending and drops the tokens whose cumulative
-        probability is at most 1 - top_p. None where the recorded log-probs
-        cannot tell the top-k set (every recorded token ties the k-th)."""
-        race = self._race(j)
-        return None if race is None else race[0]
+        """Race scores at generated position j of the tokens that ran (kept by
+        top-k and top-p, or undecided); None where the top-k set is unknown."""
+        race = self.race(j)
+        return None if race is None else {i: race.scores[i] for i in race.running}
 
     def undecided(self, j: int) -> frozenset[int]:
-        """The tokens of `scores(j)` that top-p may or may not drop: tied
-        tokens straddling its cut, whose order (torch's CPU sort is not
-        stable) decides which of them stay."""
-        race = self._race(j)
-        return frozenset() if race is None else race[1]
+        """The tokens that top-p may or may not drop: tied tokens straddling
+        its cut, whose order (torch's CPU sort is not stable) decides which of
+        them stay."""
+        race = self.race(j)
+        return frozenset() if race is None else race.undecided
 
     def winner(self, j: int) -> int | None:
         """The token the race picks; None where that depends on the order of
         tied tokens at the top-p cut, or the top-k set is unknown."""
-        race = self._race(j)
-        if race is None:
+        scores = self.scores(j)
+        if scores is None:
             return None
-        scores, undecided = race
         best = max(scores, key=scores.get)
-        return None if best in undecided else best
-
-    def _race(self, j: int) -> tuple[dict[int, float], frozenset[int]] | None:
-        import torch
-
-        from vllm_bastion.core.noise import seeded_exponential
-
-        lp = self.logprobs[j]
-        kth = sorted(lp.values(), reverse=True)[min(self.top_k, len(lp)) - 1]
-        if len(lp) >= RACE_LOGPROBS and min(lp.values()) >= kth:
-            return None
-        values = sorted({v for v in lp.values() if v >= kth})  # ascending, one per tie group
-        group = [[i for i in lp if lp[i] == v] for v in values]
-        x = torch.tensor(values, dtype=torch.float64) / self.temperature
-        n = torch.tensor([len(g) for g in group], dtype=torch.float64)
-        prob = torch.exp(x - torch.logsumexp(x + n.log(), 0))  # one member's probability
-        before = torch.cumsum(n * prob, 0) - n * prob  # cumulative probability below the group
-        # members (in the sorted order, 1-based r) dropped: before + r * prob <= 1 - top_p
-        dropped = ((1 - self.top_p - before) / prob).floor().clamp(0) if self.top_p < 1 else 0 * n
-        dropped[-1] = torch.clamp(dropped[-1], max=n[-1] - 1)  # vLLM keeps at least one
-        scores, undecided = {}, set()
-        e = seeded_exponential(torch.tensor([self.seed]), torch.tensor([self.start + j]),
-                               max(lp) + 1)[0].double()
-        for g, d in zip(group, dropped.tolist()):
-            if d >= len(g):
-                continue
-            if d > 0:
-                undecided.update(g)
-            scores.update({i: lp[i] - self.temperature * math.log(e[i]) for i in g})
-        return scores, frozenset(undecided)
+        return None if best in self.undecided(j) else best
 
 
 @dataclasses.dataclass
@@ -372,13 +437,14 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 
 
 def classify(ref: Output, got: Output, bound: float) -> tuple[str, float | None]:
-    """(cause, margin) of `got` against the reference: the margin at the first
-    divergence by which the reference's token beat the one `got` emitted, in
-    logit units (greedy: the reference's top-1/top-2 log-prob difference;
-    seeded: the difference of the two tokens' race scores, T * log(p / E)),
-    so that one bound holds for both: a logits row off by d in every entry
-    moves either margin by at most 2d. None where no margin is known (no
-    logprobs recorded, or `got`'s token was not in the reference's race)."""
+    """(cause, margin) of `got` against the reference at the first divergence,
+    in logit units, so that one bound holds for greedy and seeded (a logits
+    row off by d in every entry moves either margin by at most 2d): greedy,
+    the reference's top-1/top-2 log-prob difference; seeded, the smallest
+    change of the reference's row that lets `got`'s token win its race
+    (`Race.explanation`: race-score gaps, or flipping a token's top-k/top-p
+    membership). None where no margin is known (no logprobs recorded, or
+    `got`'s token not among the reference's recorded tokens)."""
     j = first_divergence(ref.tokens, got.tokens)
     if j is None:
         return "none", None
@@ -387,14 +453,9 @@ def classify(ref: Output, got: Output, bound: float) -> tuple[str, float | None]
         margin = a - b
         return ("near-tie" if margin <= bound else "other"), margin
     if ref.race is not None and j < min(len(ref.race.logprobs), len(got.tokens)):
-        scores = ref.race.scores(j) or {}
-        mine, theirs = ref.tokens[j], got.tokens[j]
-        if theirs in scores and mine in scores:
-            margin = scores[mine] - scores[theirs]
-            if margin < 0 and theirs in ref.race.undecided(j):
-                # the reference's top-p dropped `theirs` among tokens tied
-                # exactly at its cut: decided by the order of equal logits
-                return "near-tie", 0.0
+        race = ref.race.race(j)
+        margin = None if race is None else race.explanation(got.tokens[j])
+        if margin is not None:
             return ("near-tie" if margin <= bound else "other"), margin
     return "other", None
 
@@ -409,6 +470,9 @@ class Row:
     margins: list  # margins of the near-ties and others
     kinds_other: dict  # prompt kind -> number of "other"
     seconds: float
+    # every divergent request: prompt index and kind, first divergent
+    # position, the reference's and the run's token there, cause, margin
+    divergences: list = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -417,15 +481,21 @@ class Row:
 def compare(engine: str, interface: str, mode: str, batch_size: int, prompts: list[Prompt],
             refs: list[Output], got: list[Output], bound: float, seconds: float) -> Row:
     counts = {c: 0 for c in CAUSES}
-    margins, other = [], {}
-    for p, r, g in zip(prompts, refs, got):
+    margins, other, divergences = [], {}, []
+    for i, (p, r, g) in enumerate(zip(prompts, refs, got)):
         cause, margin = classify(r, g, bound)
         counts[cause] += 1
         if margin is not None:
             margins.append(round(margin, 6))
         if cause == "other":
             other[p.kind] = other.get(p.kind, 0) + 1
-    return Row(engine, interface, mode, batch_size, counts, margins, other, seconds)
+        if cause != "none":
+            j = first_divergence(r.tokens, g.tokens)
+            divergences.append(dict(prompt=i, kind=p.kind, position=j, cause=cause,
+                                    margin=None if margin is None else round(margin, 6),
+                                    ref=r.tokens[j] if j < len(r.tokens) else None,
+                                    got=g.tokens[j] if j < len(g.tokens) else None))
+    return Row(engine, interface, mode, batch_size, counts, margins, other, seconds, divergences)
 
 
 # ------------------------------------------------------------------ the matrix
