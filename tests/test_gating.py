@@ -134,6 +134,9 @@ def test_backlog_and_ragged_helpers():
     cur = torch.tensor([[100.0, 100], [200, 200]])
     both = ragged_concat(counts, feats, np.array([1, 1]), cur)
     assert both[:, 0].tolist() == [4, 6, 8, 100, 0, 2, 9, 200]
+    none = np.zeros(2, np.int64)  # one side empty: the other side, no copy
+    assert ragged_concat(none, feats[:0], np.array([1, 1]), cur) is cur
+    assert ragged_concat(counts, feats, none, cur[:0]) is feats
     assert ragged_rows(np.array([5, 20]), np.array([2, 3])).tolist() == [5, 6, 20, 21, 22]
 
 
@@ -278,3 +281,21 @@ def test_probes_that_do_not_pay_back_off():
     idle[1] = 64
     assert probes_due(np.ones(4, bool), idle, np.zeros(4, np.int64),
                       32 << np.array([0, 1, 0, 0])).tolist() == [True, True, False, False]
+
+
+def test_one_requests_bad_patch_does_not_switch_off_the_next_request():
+    """At batch 1 the engine-wide mean is fed by one request at a time; it is
+    the prior a new request starts from, so it must be a long-run average: a
+    stretch of text that defeats the drafter near the end of one request must
+    not make the next request start below what drafting needs to pay."""
+    from vllm_bastion.core.gating import DraftingEstimates
+
+    est = DraftingEstimates(prior_gain=1.0)
+    one = np.ones(1, bool)
+    gain, nodes_est, idle = np.array([1.0]), np.array([4.0]), np.zeros(1, np.int64)
+    for _ in range(300):  # requests that gain 1.4 drafts per step on average
+        est.update(gain, nodes_est, idle, one, np.array([4]), np.array([1.4]), one)
+    for _ in range(30):  # then a patch where almost nothing is accepted
+        est.update(gain, nodes_est, idle, one, np.array([4]), np.array([0.3]), one)
+    assert gain[0] < 0.5  # this request's own estimate follows the patch
+    assert est.engine_gain > 1.0  # the prior for the next request does not

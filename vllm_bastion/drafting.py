@@ -77,7 +77,12 @@ class Backlog:
 def ragged_concat(a_counts: np.ndarray, a: torch.Tensor, b_counts: np.ndarray,
                   b: torch.Tensor) -> torch.Tensor:
     """Per request i: a's a_counts[i] rows then b's b_counts[i] rows (request
-    order), one gather."""
+    order), one gather; one side empty (no backlog: the common case) returns
+    the other as is."""
+    if not a_counts.any():
+        return b
+    if not b_counts.any():
+        return a
     n = a_counts + b_counts
     start = np.cumsum(n) - n
     a_dst = np.repeat(start, a_counts) + (np.arange(a_counts.sum()) - np.repeat(np.cumsum(a_counts) - a_counts, a_counts))

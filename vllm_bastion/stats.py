@@ -12,9 +12,17 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 logger = logging.getLogger("vllm.bastion")  # under vLLM's log handler
+
+
+def _host_ints(x) -> np.ndarray:
+    """A flat int64 host array of a CPU tensor, array or sequence."""
+    if isinstance(x, torch.Tensor):
+        x = x.numpy(force=True)
+    return np.asarray(x, dtype=np.int64).reshape(-1)
 
 
 @dataclass
@@ -37,23 +45,22 @@ class BastionStats:
     def observe(self, nodes, accepted, chain, depths) -> None:
         """One verify step: per tree (requests with nodes only) its node count,
         accepted nodes, what a top-1 chain would have accepted and its depth
-        (int tensors or sequences). Vectorized: no loop over trees."""
-        nodes, accepted, chain, depths = (torch.as_tensor(x, dtype=torch.long).reshape(-1)
-                                          for x in (nodes, accepted, chain, depths))
-        if not nodes.numel():
+        (int tensors, arrays or sequences). Vectorized: no loop over trees;
+        numpy, since these are a handful of host integers per step."""
+        nodes, accepted, chain, depths = (_host_ints(x) for x in (nodes, accepted, chain, depths))
+        if not nodes.size:
             return
         self.steps += 1
-        self.trees += int(nodes.numel())
+        self.trees += int(nodes.size)
         self.nodes += int(nodes.sum())
         self.accepted += int(accepted.sum())
         self.chain_accepted += int(chain.sum())
         self.max_depth_sum += int(depths.sum())
         need = int(depths.max())
-        for arr in (self.accepted_by_depth, self.trees_by_depth):
-            arr.extend([0] * (need - len(arr)))
         # trees accepting at depth j (j < accepted) / reaching depth j (j < depth)
         for arr, x in ((self.accepted_by_depth, accepted), (self.trees_by_depth, depths)):
-            ge = torch.bincount(x, minlength=need + 1).flip(0).cumsum(0).flip(0)[1 : need + 1]
+            arr.extend([0] * (need - len(arr)))
+            ge = np.bincount(x, minlength=need + 1)[::-1].cumsum()[::-1][1 : need + 1]
             for j, v in enumerate(ge.tolist()):
                 arr[j] += v
 
@@ -141,11 +148,13 @@ class StatsLogger:
     def observe_step(self, nodes, accepted, chain, depths) -> None:
         """A verify step's per-request tensors [B]; requests without a tree
         (num_nodes 0) are left out."""
+        nodes, accepted, chain, depths = (_host_ints(x) for x in (nodes, accepted, chain, depths))
         has = nodes > 0
-        if bool(has.any()):
+        if has.any():
             self.observe(nodes[has], accepted[has], chain[has], depths[has])
 
     def observe(self, nodes, accepted, chain, depths) -> None:
+        nodes, accepted, chain, depths = (_host_ints(x) for x in (nodes, accepted, chain, depths))
         self.total.observe(nodes, accepted, chain, depths)
         self.window.observe(nodes, accepted, chain, depths)
         if self.writer is not None:

@@ -218,11 +218,17 @@ class DraftingEstimates:
     a request switched off by a few bad steps switches itself back on if
     requests like it gain on average, while one whose text keeps defeating
     the drafter stays off (and is re-probed anyway every reprobe interval).
-    New requests start at the engine-wide average. Arrays are per request
-    (numpy, modified in place); nothing loops over requests.
+    New requests start at the engine-wide average. That average is a long-run
+    one (weight `w_engine` per step with drafting requests: a time constant of
+    about 100 steps): at batch 1 it is fed by one request at a time, and with
+    a faster one, a stretch of text that defeats the drafter at the end of one
+    request made the next request start below the drafting threshold and wait
+    a whole re-probe interval (measured: 32 steps off on a fresh prompt).
+    Arrays are per request (numpy, modified in place); nothing loops over
+    requests.
     """
 
-    def __init__(self, prior_gain: float = 1.0, w: float = 0.2, w_engine: float = 0.05,
+    def __init__(self, prior_gain: float = 1.0, w: float = 0.2, w_engine: float = 0.01,
                  tau: float = 8.0):
         self.engine_gain = prior_gain
         self.w, self.w_engine, self.relax = w, w_engine, 1.0 - float(np.exp(-1.0 / tau))
