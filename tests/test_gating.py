@@ -299,3 +299,16 @@ def test_one_requests_bad_patch_does_not_switch_off_the_next_request():
         est.update(gain, nodes_est, idle, one, np.array([4]), np.array([0.3]), one)
     assert gain[0] < 0.5  # this request's own estimate follows the patch
     assert est.engine_gain > 1.0  # the prior for the next request does not
+
+
+def test_the_engine_mean_starts_as_a_running_mean():
+    """A fresh engine learns its mean gain from the first steps (a running
+    mean, the prior counting as one step), not over a hundred steps."""
+    from vllm_bastion.core.gating import DraftingEstimates
+
+    est = DraftingEstimates(prior_gain=1.0)
+    one = np.ones(1, bool)
+    gain, nodes_est, idle = np.array([1.0]), np.array([4.0]), np.zeros(1, np.int64)
+    for acc in (3.0, 2.0, 2.0):
+        est.update(gain, nodes_est, idle, one, np.array([4]), np.array([acc]), one)
+    assert est.engine_gain == pytest.approx((1.0 + 3.0 + 2.0 + 2.0) / 4)

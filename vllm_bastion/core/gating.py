@@ -224,6 +224,9 @@ class DraftingEstimates:
     a faster one, a stretch of text that defeats the drafter at the end of one
     request made the next request start below the drafting threshold and wait
     a whole re-probe interval (measured: 32 steps off on a fresh prompt).
+    Until it has seen 1/w_engine steps it is the plain mean of what it saw
+    (the prior counting as one step), so a fresh engine does not start from
+    the prior guess for a hundred steps.
     Arrays are per request (numpy, modified in place); nothing loops over
     requests.
     """
@@ -231,6 +234,7 @@ class DraftingEstimates:
     def __init__(self, prior_gain: float = 1.0, w: float = 0.2, w_engine: float = 0.01,
                  tau: float = 8.0):
         self.engine_gain = prior_gain
+        self._engine_steps = 0  # steps with drafting requests seen (the prior counts as one)
         self.w, self.w_engine, self.relax = w, w_engine, 1.0 - float(np.exp(-1.0 / tau))
 
     def update(self, gain, nodes_est, idle, drafted, nodes, accepted, decoding) -> None:
@@ -241,7 +245,11 @@ class DraftingEstimates:
         acc = accepted.astype(np.float64)
         gain[drafted] += w * (acc[drafted] - gain[drafted])
         if drafted.any():
-            self.engine_gain += self.w_engine * (float(acc[drafted].mean()) - self.engine_gain)
+            # a running mean until the long-run window is full, then an
+            # exponential one: the prior guess is forgotten after a few steps
+            self._engine_steps += 1
+            a = max(self.w_engine, 1.0 / (1 + self._engine_steps))
+            self.engine_gain += a * (float(acc[drafted].mean()) - self.engine_gain)
         had = drafted & (nodes > 0)
         nodes_est[had] += w * (nodes[had] - nodes_est[had])
         off = ~drafted & decoding
