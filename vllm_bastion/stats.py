@@ -154,7 +154,6 @@ class StatsLogger:
             self.observe(nodes[has], accepted[has], chain[has], depths[has])
 
     def observe(self, nodes, accepted, chain, depths) -> None:
-        nodes, accepted, chain, depths = (_host_ints(x) for x in (nodes, accepted, chain, depths))
         self.total.observe(nodes, accepted, chain, depths)
         self.window.observe(nodes, accepted, chain, depths)
         if self.writer is not None:
