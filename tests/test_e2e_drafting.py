@@ -105,6 +105,33 @@ def test_pause_and_backfill_restores_the_drafter_context(llm, reference_llm):
     assert paused["stats"]["steps_without_drafter"] >= 3
 
 
+def test_drafts_reach_the_scheduler_without_a_third_rpc(llm, reference_llm):
+    """_patches.py, patch 9: the engine core gets each step's drafts from the
+    runner's sample_tokens output, not from a take_draft_token_ids RPC, and
+    they are the drafts (trees are verified; output equals the reference)."""
+    executor = llm.llm_engine.engine_core.engine_core.model_executor
+    calls = []
+    rpc = executor.collective_rpc
+
+    def spy(method, *args, **kwargs):
+        calls.append(method if isinstance(method, str) else getattr(method, "__name__", "?"))
+        return rpc(method, *args, **kwargs)
+
+    prompts = mixed_prompts(3, seed=11)
+    ref = token_ids(reference_llm.generate(prompts, GREEDY, use_tqdm=False))
+    llm.collective_rpc("bastion_reset_stats")
+    executor.collective_rpc = spy
+    try:
+        out = token_ids(llm.generate(prompts, GREEDY, use_tqdm=False))
+    finally:
+        del executor.collective_rpc
+    stats = llm.collective_rpc("bastion_stats")[0]
+    assert out == ref
+    assert calls.count("sample_tokens") > 10
+    assert "take_draft_token_ids" not in calls
+    assert stats["mean_nodes"] > 1  # drafts were scheduled and verified
+
+
 def test_never_and_auto_switch_the_drafter_off(tiny_pair, reference_llm, tmp_path):
     import json
 

@@ -253,3 +253,50 @@ def test_scheduler_gets_a_constant_draft_length_table():
     other = SimpleNamespace()
     _patches._scheduler_init(orig, other, SimpleNamespace(speculative_config=None))
     assert other.dynamic_sd_lookup is None  # vLLM's own behaviour elsewhere
+
+
+# ------------------------------------------------- 9. drafts handed over with the sampled output
+
+
+def test_engine_core_takes_drafts_from_the_executor_after_each_step():
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    _patches.apply()
+    src = inspect.getsource(EngineCore.post_step)
+    assert "self.model_executor.take_draft_token_ids()" in src
+    assert "self.model_executor.sample_tokens(grammar_output)" in inspect.getsource(EngineCore.step)
+    for cls in (UniProcExecutor, MultiprocExecutor):
+        assert params(cls.sample_tokens)[:2] == ["self", "grammar_output"], cls
+        assert params(cls.take_draft_token_ids) == ["self"], cls
+        assert getattr(cls.sample_tokens, "__bastion_patched__", False), cls
+        assert getattr(cls.take_draft_token_ids, "__bastion_patched__", False), cls
+    # the runner tags the output object: it must carry instance attributes through pickle
+    out = ModelRunnerOutput(req_ids=[], req_id_to_index={})
+    setattr(out, _patches.DRAFTS_ATTR, "drafts")
+    import pickle
+
+    assert getattr(pickle.loads(pickle.dumps(out)), _patches.DRAFTS_ATTR) == "drafts"
+
+
+def test_take_draft_token_ids_answers_from_the_sampled_output_once():
+    from types import SimpleNamespace
+
+    rpcs = []
+
+    def orig_take(self):
+        rpcs.append("take")
+        return "from rpc"
+
+    executor = SimpleNamespace()
+    tagged = SimpleNamespace(**{_patches.DRAFTS_ATTR: "from output"})
+    _patches._sample_tokens_keeping_output(lambda self, g: tagged, executor, None)
+    assert _patches._take_draft_token_ids_from_output(orig_take, executor) == "from output"
+    assert rpcs == []
+    # nothing kept (a step without sample_tokens) or an untagged output: vLLM's RPC
+    assert _patches._take_draft_token_ids_from_output(orig_take, executor) == "from rpc"
+    _patches._sample_tokens_keeping_output(lambda self, g: SimpleNamespace(), executor, None)
+    assert _patches._take_draft_token_ids_from_output(orig_take, executor) == "from rpc"
+    assert rpcs == ["take", "take"]

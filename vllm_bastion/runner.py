@@ -34,10 +34,11 @@ import numpy as np
 import torch
 
 from vllm.logger import init_logger
-from vllm.v1.outputs import SamplerOutput
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, SamplerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner, _torch_cuda_wrapper
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from vllm_bastion._patches import DRAFTS_ATTR
 from vllm_bastion.config import bastion_config_of
 from vllm_bastion.core.acceptance import NUM_CLASSES, AcceptanceCalibrator
 from vllm_bastion.core.compaction import permute_rows_
@@ -354,6 +355,10 @@ class BastionRunnerMixin:
         plan = self._bastion_plan
         trees = plan is not None and bool(plan.trees.num_nodes.any())  # this step verifies trees
         out = super().sample_tokens(grammar_output)
+        if out is not None and out is not EMPTY_MODEL_RUNNER_OUTPUT:  # never tag the shared one
+            # the engine core's take_draft_token_ids is answered from this
+            # output, without a third RPC per step (_patches.py, patch 9)
+            setattr(out, DRAFTS_ATTR, self.take_draft_token_ids())
         t1 = now()
         self.bastion_stats.timer.add("sample_total", t1 - t0)
         self.bastion_stats.timer.add("step_total", t1 - t0)
