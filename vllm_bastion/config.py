@@ -127,7 +127,8 @@ class BastionConfig(BaseModel):
         description="Learn online how often a node is accepted given its parent was, "
         "as a function of the drafter's log-prob and depth, and grow trees (and size "
         "them) by those calibrated path probabilities; False: BASTION's raw product of "
-        "drafter marginals.",
+        "drafter marginals. Unused (and not learned) for fixed-size top-1 chains "
+        "(topk 1 with budget 'fixed').",
     )
     calibrate: bool = Field(
         default=True,

@@ -107,9 +107,10 @@ class BastionRunnerMixin:
         self._bastion_waves = 0  # branch waves of the step's chain-exact tree attention
         self._bastion_budget = EngineBudget(cfg) if cfg.budget == "auto" else None
         self.bastion_stats.budget = self._bastion_budget
-        self.bastion_acceptance = (
-            AcceptanceCalibrator(cfg.draft_depth) if cfg.acceptance_calibration else None
-        )
+        # calibrated values order a tree's nodes (top-k > 1) and price them
+        # ('auto' budget); a fixed-size top-1 chain uses neither
+        calibrated = cfg.acceptance_calibration and (cfg.topk > 1 or cfg.budget == "auto")
+        self.bastion_acceptance = AcceptanceCalibrator(cfg.draft_depth) if calibrated else None
         self.bastion_stats.acceptance = self.bastion_acceptance
         self.bastion_table = RequestTable(self.max_num_reqs, on_new_slot=self._bastion_new_slot)
         self.bastion_table.defaults(depth=cfg.draft_depth)
