@@ -55,6 +55,7 @@ pinned by tests/test_patches.py (which fails if vLLM changes under them):
 from __future__ import annotations
 
 import functools
+from concurrent.futures import Future
 from typing import Any
 
 from vllm_bastion.config import (
@@ -384,7 +385,7 @@ def _sample_tokens_keeping_output(orig, self, *args, **kwargs):
 
 def _take_draft_token_ids_from_output(orig, self):
     out = self.__dict__.pop("_bastion_sampled", None)
-    if out is not None and hasattr(out, "result") and callable(out.result):
+    if isinstance(out, Future):
         out = out.result()  # non-blocking sample_tokens: the engine core already waited on it
     if out is not None and DRAFTS_ATTR in getattr(out, "__dict__", {}):
         return out.__dict__.pop(DRAFTS_ATTR)
